@@ -1,0 +1,123 @@
+"""The three networks: shapes (odd sizes, batch 1), norm switch, channels_last, bf16, overfit."""
+import pytest
+import torch
+import torch.nn as nn
+
+from models import MODEL_NAMES, PAPER_HPARAMS, build_model
+from models.unet import UNet, pad_to_multiple
+
+CASES = [("di-conv-ae", None), ("d-unet", "batchnorm"), ("br-unet", "fused"), ("br-unet", "reference")]
+
+
+def make(name, norm, width=4):
+    torch.manual_seed(0)
+    return build_model(name, norm=norm, width=width)
+
+
+@pytest.mark.parametrize("name,norm", CASES)
+@pytest.mark.parametrize("shape", [(1, 1, 13, 7), (2, 1, 16, 16), (3, 1, 33, 50), (1, 1, 1, 1)])
+def test_output_shape_eval(name, norm, shape):
+    model = make(name, norm).eval()
+    with torch.no_grad():
+        y = model(torch.randn(shape))
+    assert y.shape == shape and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("name,norm", CASES)
+def test_output_shape_train_odd(name, norm):
+    # Training mode needs > 1 value per channel in the 1/16-scale bottleneck: batch 2, 31x45.
+    model = make(name, norm).train()
+    x = torch.randn(2, 1, 31, 45, requires_grad=True)
+    y = model(x)
+    assert y.shape == x.shape
+    y.square().mean().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_norm_and_activation_switch():
+    br = build_model("br-unet", norm="reference", width=4)
+    d = build_model("d-unet", width=4)
+    from speckle_kernels import FusedBatchRenorm2d
+
+    assert any(isinstance(m, FusedBatchRenorm2d) for m in br.modules())
+    assert any(isinstance(m, nn.LeakyReLU) and m.negative_slope == 0.1 for m in br.modules())
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.ReLU)) for m in br.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in d.modules())
+    assert any(type(m) is nn.ReLU for m in d.modules())
+    renorms = [m for m in br.modules() if isinstance(m, FusedBatchRenorm2d)]
+    assert all(m.eps == 1e-3 and m.momentum == 0.01 for m in renorms)
+    assert {m.backend for m in renorms} == {"reference"}
+    fused = build_model("br-unet", width=4)
+    assert {m.backend for m in fused.modules() if isinstance(m, FusedBatchRenorm2d)} == {"auto"}
+    bn = build_model("br-unet", norm="batchnorm", width=4)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in bn.modules())
+
+
+def test_table1_defaults():
+    assert [PAPER_HPARAMS[m]["lr"] for m in MODEL_NAMES] == [0.01, 0.005, 0.0001]
+    for name in MODEL_NAMES:
+        drops = {m.p for m in build_model(name, width=4).modules() if isinstance(m, nn.Dropout)}
+        assert drops == {PAPER_HPARAMS[name]["dropout"]}
+    pools = [m for m in build_model("d-unet", width=4).modules() if isinstance(m, nn.MaxPool2d)]
+    assert len(pools) == 4
+    pools = [m for m in build_model("di-conv-ae", width=4).modules() if isinstance(m, nn.MaxPool2d)]
+    assert len(pools) == 1
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("unet")
+    with pytest.raises(ValueError, match="unknown norm"):
+        build_model("br-unet", norm="layernorm")
+    with pytest.raises(ValueError, match="activation"):
+        UNet(activation="gelu")
+
+
+def test_pad_to_multiple():
+    x = torch.arange(15.0).view(1, 1, 3, 5)
+    y, size = pad_to_multiple(x, 4)
+    assert y.shape == (1, 1, 4, 8) and size == (3, 5)
+    assert torch.equal(y[..., :3, :5], x)
+    assert pad_to_multiple(torch.zeros(1, 1, 8, 8), 4)[0].shape == (1, 1, 8, 8)
+
+
+@pytest.mark.parametrize("name,norm", CASES)
+def test_channels_last_matches_contiguous(name, norm):
+    model = make(name, norm).eval()
+    x = torch.randn(2, 1, 32, 24)
+    with torch.no_grad():
+        ref = model(x)
+        cl = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(cl, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name,norm", CASES)
+def test_bf16_autocast(name, norm):
+    model = make(name, norm).train()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    loss = y.float().square().mean()
+    loss.backward()
+    assert y.shape == x.shape and torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("name,norm,lr", [("di-conv-ae", None, 0.003), ("d-unet", "batchnorm", 0.005),
+                                          ("br-unet", "fused", 0.005)])
+def test_one_batch_overfit(name, norm, lr):
+    """Each network drives its loss on one fixed batch down by well over half in 60 steps."""
+    torch.manual_seed(0)
+    model = build_model(name, norm=norm, width=8, dropout=0.0)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+    clean = torch.stack([torch.sin(3 * xx + k) * torch.cos(2 * yy) * 0.8 for k in range(4)])[:, None]
+    noisy = clean + 0.2 * torch.randn_like(clean)
+    opt = torch.optim.Adamax(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(60):
+        loss = nn.functional.mse_loss(model(noisy), clean)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert min(losses[-5:]) < 0.3 * losses[0], losses[::10]
