@@ -1,0 +1,11 @@
+"""speckle-kernels: fused kernels for training speckle-denoising networks in PyTorch."""
+from ._backend import HAS_TRITON
+from .batch_renorm import batch_renorm
+from .layers import FusedBatchRenorm1d, FusedBatchRenorm2d, FusedBatchRenorm3d
+from .reference import DMAX_SCHEDULE, RMAX_SCHEDULE, RenormSchedule, batch_renorm_reference
+
+__version__ = "0.1.0"
+__all__ = [
+    "HAS_TRITON", "batch_renorm", "batch_renorm_reference", "FusedBatchRenorm1d",
+    "FusedBatchRenorm2d", "FusedBatchRenorm3d", "RenormSchedule", "RMAX_SCHEDULE", "DMAX_SCHEDULE",
+]

@@ -1,0 +1,178 @@
+"""Plain-PyTorch references: the oracle of every test and the baseline of every benchmark.
+
+Each function here computes the same thing as a fused kernel of the package, written with
+ordinary torch ops so that autograd does the backward. They favour clarity over speed.
+
+Batch renormalization (Ioffe 2017), with the conventions of the third-party layer the paper
+used (github.com/ludvb/batchrenorm): eps is added to the *standard deviation*, the running
+statistics are a mean and a std, r and d are computed from the running statistics *before*
+this step's update and carry no gradient:
+
+    sigma = sqrt(var_biased(x)) + eps
+    r = clamp(sigma / running_std, 1/r_max, r_max)           (no grad)
+    d = clamp((mu - running_mean) / running_std, -d_max, d_max)  (no grad)
+    y = weight * ((x - mu) / sigma * r + d) + bias
+    eval: y = weight * (x - running_mean) / running_std + bias
+
+One deliberate difference from the third-party layer: where a channel has zero variance
+(a single value per channel, or a constant channel) the gradient through sqrt(var) is
+taken as 0 instead of NaN (0/0), so the layer stays finite on degenerate batches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RenormSchedule:
+    """A clamped linear schedule in t = num_batches_tracked: clamp(slope*t + start, low, high).
+
+    The defaults of the third-party layer are `RMAX_SCHEDULE` and `DMAX_SCHEDULE`; a fixed
+    limit is `RenormSchedule.constant(value)`.
+    """
+
+    slope: float
+    start: float
+    low: float
+    high: float
+
+    @staticmethod
+    def constant(value: float) -> "RenormSchedule":
+        return RenormSchedule(0.0, float(value), float(value), float(value))
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return (t.to(torch.float32) * self.slope + self.start).clamp(self.low, self.high)
+
+
+RMAX_SCHEDULE = RenormSchedule(2 / 35000, 25 / 35, 1.0, 3.0)
+DMAX_SCHEDULE = RenormSchedule(5 / 20000, -25 / 20, 0.0, 5.0)
+
+
+def _channel_view_shape(x: torch.Tensor) -> list[int]:
+    return [1, x.shape[1]] + [1] * (x.dim() - 2)
+
+
+def _reduce_dims(x: torch.Tensor) -> list[int]:
+    return [0] + list(range(2, x.dim()))
+
+
+def _sqrt_zero_grad_at_zero(var: torch.Tensor) -> torch.Tensor:
+    # sqrt has an infinite derivative at 0; the double where keeps both the value and the
+    # gradient finite (gradient 0) without a host-side branch.
+    positive = var > 0
+    safe = torch.where(positive, var, torch.ones_like(var))
+    return torch.where(positive, safe.sqrt(), torch.zeros_like(var))
+
+
+def batch_renorm_reference(
+    x: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_std: torch.Tensor,
+    num_batches_tracked: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    training: bool = True,
+    momentum: float = 0.01,
+    eps: float = 1e-3,
+    r_max: RenormSchedule = RMAX_SCHEDULE,
+    d_max: RenormSchedule = DMAX_SCHEDULE,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Batch renormalization of x (N, C, *) in plain torch ops; updates the buffers in place.
+
+    upcast=True computes in float32 (float64 input stays float64) and returns x's dtype,
+    as the fused kernels do; upcast=False computes in x's own dtype like the third-party layer.
+    """
+    out_dtype = x.dtype
+    if upcast and x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    shape = _channel_view_shape(x)
+    rm = running_mean.to(x.dtype).view(shape)
+    rs = running_std.to(x.dtype).view(shape)
+    if training:
+        dims = _reduce_dims(x)
+        mean = x.mean(dims, keepdim=True)
+        var = (x - mean).square().mean(dims, keepdim=True)
+        std = _sqrt_zero_grad_at_zero(var) + eps
+        t = num_batches_tracked
+        rmax = r_max(t).to(x.dtype)
+        dmax = d_max(t).to(x.dtype)
+        r = torch.minimum(torch.maximum(std.detach() / rs, 1.0 / rmax), rmax)
+        d = torch.minimum(torch.maximum((mean.detach() - rm) / rs, -dmax), dmax)
+        xhat = (x - mean) / std * r + d
+        with torch.no_grad():
+            running_mean.add_(momentum * (mean.flatten() - running_mean))
+            running_std.add_(momentum * (std.flatten() - running_std))
+            num_batches_tracked.add_(1)
+    else:
+        xhat = (x - rm) / rs
+    if weight is not None:
+        xhat = weight.to(x.dtype).view(shape) * xhat
+    if bias is not None:
+        xhat = xhat + bias.to(x.dtype).view(shape)
+    return xhat.to(out_dtype)
+
+
+# =============================================================================================
+# Speckle noise (the plain-torch twin of speckle_kernels/noise.py)
+# =============================================================================================
+# y = x * (1 + factor * sigma * n1) + sigma_add * n2, clipped to [0, 1] when clip; n2 ~ N(0, 1),
+# n1 ~ N(0, 1) or a standardized Rayleigh variable (R - sqrt(pi/2)) / sqrt(2 - pi/2),
+# R = sqrt(-2 ln U). sigma_mult: a number or (low, high), one uniform draw per image (first dim).
+# Drawn from torch's generator: the same distribution as the Triton kernel's counter-based
+# stream, not the same numbers. It is the benchmark baseline and the statistical oracle.
+
+_RAYLEIGH_MEAN = 1.2533141373155001    # sqrt(pi / 2), the mean of Rayleigh(1)
+_RAYLEIGH_STD = 0.6551363775620336     # sqrt(2 - pi / 2), its standard deviation
+
+
+def _noise_sigma(x: torch.Tensor, sigma_mult, generator) -> torch.Tensor | float:
+    low, high = (sigma_mult if isinstance(sigma_mult, (tuple, list)) else (sigma_mult, sigma_mult))
+    if high == low:
+        return float(low)
+    images = x.shape[0] if x.dim() >= 2 else 1
+    u = torch.rand(images, generator=generator, device=x.device, dtype=torch.float32)
+    return (low + (high - low) * u).view([images] + [1] * (x.dim() - 1) if x.dim() >= 2 else [])
+
+
+def _standard_noise(x: torch.Tensor, distribution: str, generator):
+    shape, dev = x.shape, x.device
+    if distribution == "rayleigh":
+        u = torch.rand(shape, generator=generator, device=dev, dtype=torch.float32)
+        r = torch.sqrt(-2.0 * torch.log1p(-u))       # Rayleigh(1); 1 - u lies in (0, 1]
+        n1 = (r - _RAYLEIGH_MEAN) / _RAYLEIGH_STD
+    elif distribution == "gaussian":
+        n1 = torch.randn(shape, generator=generator, device=dev, dtype=torch.float32)
+    else:
+        raise ValueError(f"distribution must be 'gaussian' or 'rayleigh', got {distribution!r}")
+    n2 = torch.randn(shape, generator=generator, device=dev, dtype=torch.float32)
+    return n1, n2
+
+
+def speckle_noise_reference(x: torch.Tensor, *, factor: float = 1.0, sigma_mult=0.1,
+                            sigma_add: float = 0.02, distribution: str = "gaussian",
+                            clip: bool = True,
+                            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Speckle noise on intensities x in [0, 1]; computed in float32 (float64 for float64 x),
+    returned in x's dtype."""
+    n1, n2 = _standard_noise(x, distribution, generator)
+    sigma = _noise_sigma(x, sigma_mult, generator)
+    v = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    y = v * (1 + factor * sigma * n1) + sigma_add * n2
+    if clip:
+        y = y.clamp(0.0, 1.0)
+    return y.to(x.dtype)
+
+
+def noisy_batch_reference(clean_u8: torch.Tensor, *, factor: float = 1.0, sigma_mult=0.1,
+                          sigma_add: float = 0.02, distribution: str = "gaussian",
+                          out_dtype: torch.dtype = torch.float32, clip: bool = True,
+                          generator: torch.Generator | None = None):
+    """uint8 images -> (noisy, clean), both normalized as (v - 0.5) / 0.5 with v = u8 / 255."""
+    v = clean_u8.to(torch.float32) / 255.0
+    y = speckle_noise_reference(v, factor=factor, sigma_mult=sigma_mult, sigma_add=sigma_add,
+                                distribution=distribution, clip=clip, generator=generator)
+    return ((y - 0.5) / 0.5).to(out_dtype), ((v - 0.5) / 0.5).to(out_dtype)
