@@ -4,7 +4,52 @@ The Python package works alone (Triton on CUDA, the plain-PyTorch reference else
 extensions in csrc/ are built against the torch that is installed, so install with
 `pip install --no-build-isolation .`; without a compiler the package still imports and falls back.
 """
+import glob
+import os
+
 from setuptools import find_packages, setup
+
+
+def _cpu_vector_flags():
+    """AVX2 + FMA + F16C when the building machine has them (at::vec then uses 256-bit
+    vectors); the extension is built where it runs. SPECKLE_CPU_VECTOR=0 turns them off."""
+    if os.environ.get("SPECKLE_CPU_VECTOR", "1") == "0":
+        return []
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    if not {"avx2", "fma", "f16c"} <= set(flags):
+        return []
+    return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+
+
+def _extensions():
+    """(ext_modules, cmdclass): the CPU extension always; the CUDA one when a toolkit and a CUDA
+    build of torch are present and SPECKLE_SKIP_CUDA_BUILD is unset. MAX_JOBS and
+    TORCH_CUDA_ARCH_LIST are read by torch's BuildExtension."""
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:  # no torch at build time: pure-Python install, the package falls back
+        return [], {}
+    cxx = ["-O3", "-std=c++17", *_cpu_vector_flags()]
+    exts = [cpp_extension.CppExtension(
+        "speckle_kernels._C",
+        sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")),
+        extra_compile_args={"cxx": cxx})]
+    if (torch.version.cuda and cpp_extension.CUDA_HOME
+            and not os.environ.get("SPECKLE_SKIP_CUDA_BUILD")):
+        exts.append(cpp_extension.CUDAExtension(
+            "speckle_kernels._C_cuda",
+            sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp")),
+            extra_compile_args={"cxx": ["-O3", "-std=c++17"],
+                                "nvcc": ["-O3", "--std=c++17", "-lineinfo"]}))
+    return exts, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+_EXT_MODULES, _CMDCLASS = _extensions()
 
 setup(
     name="speckle-kernels",
@@ -24,4 +69,6 @@ setup(
     ],
     extras_require={"test": ["pytest", "pytest-benchmark"]},
     entry_points={"console_scripts": []},
+    ext_modules=_EXT_MODULES,
+    cmdclass=_CMDCLASS,
 )

@@ -1,0 +1,347 @@
+// BatchRenorm forward/backward on the CPU: ATen vector types under at::parallel_for.
+//
+// Two element passes each way, as on the GPU (see csrc/include/batch_renorm_math.h for the
+// per-channel math between them):
+//   forward   sums of u = x - pivot and u^2         -> finalize -> y = (u - offset)*scale + shift
+//   backward  sums of dy and dy*z, z = (u-offset)*invstd -> finalize -> dx = (u-offset)*B + dy*A + C0
+// Work is split into tasks of ~kTaskElements values (a chunk of one (n, c) plane for contiguous
+// input, a block of rows for channels-last), each writing its own fp32 partial sums; partials
+// are merged per channel in double in a fixed order, so results do not depend on the thread
+// count. fp16/bf16 are widened to fp32 on load and rounded once on store.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/cpu/vec/functional.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../api_common.h"
+#include "cpu_kernels.h"
+
+namespace speckle::cpu {
+namespace {
+
+using fVec = at::vec::Vectorized<float>;
+constexpr int64_t kF = fVec::size();
+constexpr int64_t kW = 2 * kF;  // values per step: two fp32 vectors (one 16-bit vector)
+constexpr int64_t kTaskElements = 16384;
+constexpr int64_t kMinParallelElements = 32768;
+
+// kW values at p as two fp32 vectors; n < kW loads only n (the rest reads as 0).
+template <typename T>
+inline void load2(const T* p, fVec& a, fVec& b, int64_t n = kW) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (n == kW) {
+      a = fVec::loadu(p);
+      b = fVec::loadu(p + kF);
+    } else {
+      a = fVec::loadu(p, std::min(n, kF));
+      b = n > kF ? fVec::loadu(p + kF, n - kF) : fVec(0.0f);
+    }
+  } else {
+    auto v = n == kW ? at::vec::Vectorized<T>::loadu(p) : at::vec::Vectorized<T>::loadu(p, n);
+    std::tie(a, b) = at::vec::convert_to_float<T>(v);
+  }
+}
+
+template <typename T>
+inline void store2(T* p, const fVec& a, const fVec& b, int64_t n = kW) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (n == kW) {
+      a.store(p);
+      b.store(p + kF);
+    } else {
+      a.store(p, std::min(n, kF));
+      if (n > kF) b.store(p + kF, n - kF);
+    }
+  } else {
+    auto v = at::vec::convert_from_float<T>(a, b);
+    if (n == kW) v.store(p); else v.store(p, n);
+  }
+}
+
+inline float hsum(const fVec& v) {
+  return at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return x + y; }, v);
+}
+
+// Zero the lanes at or past n of the pair (a, b).
+inline void keep_first(fVec& a, fVec& b, int64_t n) {
+  const fVec zero(0.0f);
+  a = fVec::set(zero, a, std::min(n, kF));
+  b = n > kF ? fVec::set(zero, b, n - kF) : zero;
+}
+
+int64_t grain_for(int64_t elements_per_task) {
+  return std::max<int64_t>(1, kMinParallelElements / std::max<int64_t>(elements_per_task, 1));
+}
+
+// Per-channel inputs of the element passes (fp32, length C).
+struct ChannelCoefs {
+  const float* pivot;
+  const float* offset;
+  const float* coef_x;  // invstd in the backward sums; scale / B in the affine passes
+  const float* coef_dy;
+  const float* coef_0;
+};
+
+// S_a, S_b per channel: forward (no dy) sums u and u^2, backward sums dy and dy*z.
+template <typename T>
+void channel_sums(const ChannelLayout& lay, const T* x, const T* dy, const ChannelCoefs& k,
+                  double* sum_a, double* sum_b) {
+  const int64_t C = lay.C;
+  const bool bwd = dy != nullptr;
+  if (!lay.channels_last) {
+    const int64_t L = lay.L, chunk = std::min(L, kTaskElements), nchunks = (L + chunk - 1) / chunk;
+    const int64_t tasks = lay.N * C * nchunks;
+    std::vector<float> partial(2 * tasks);
+    at::parallel_for(0, tasks, grain_for(chunk), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t plane = t / nchunks, c = plane % C, start = (t % nchunks) * chunk;
+        const int64_t len = std::min(chunk, L - start);
+        const T* xp = x + plane * L + start;
+        const T* dp = bwd ? dy + plane * L + start : nullptr;
+        const fVec p(k.pivot[c]), o(bwd ? k.offset[c] : 0.0f), s(bwd ? k.coef_x[c] : 1.0f);
+        fVec a0(0.0f), a1(0.0f), b0(0.0f), b1(0.0f);
+        for (int64_t i = 0; i < len; i += kW) {
+          const int64_t n = std::min(kW, len - i);
+          fVec x0, x1;
+          load2(xp + i, x0, x1, n);
+          fVec u0 = x0 - p, u1 = x1 - p;
+          if (bwd) {
+            fVec d0, d1;
+            load2(dp + i, d0, d1, n);  // zero past n, so the tail adds nothing
+            a0 += d0;
+            a1 += d1;
+            b0 = at::vec::fmadd(d0, (u0 - o) * s, b0);
+            b1 = at::vec::fmadd(d1, (u1 - o) * s, b1);
+          } else {
+            if (n < kW) keep_first(u0, u1, n);
+            a0 += u0;
+            a1 += u1;
+            b0 = at::vec::fmadd(u0, u0, b0);
+            b1 = at::vec::fmadd(u1, u1, b1);
+          }
+        }
+        partial[2 * t] = hsum(a0 + a1);
+        partial[2 * t + 1] = hsum(b0 + b1);
+      }
+    });
+    at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        double sa = 0.0, sb = 0.0;
+        for (int64_t nn = 0; nn < lay.N; ++nn) {
+          const float* q = partial.data() + 2 * (nn * C + c) * nchunks;
+          for (int64_t j = 0; j < nchunks; ++j) {
+            sa += q[2 * j];
+            sb += q[2 * j + 1];
+          }
+        }
+        sum_a[c] = sa;
+        sum_b[c] = sb;
+      }
+    });
+    return;
+  }
+  // channels-last: rows of C values; each task owns a block of rows and 2*C partials.
+  const int64_t R = lay.N * lay.L;
+  const int64_t rows = std::clamp<int64_t>(kTaskElements / C, 1, 1024);
+  const int64_t tasks = (R + rows - 1) / rows;
+  std::vector<float> partial(2 * C * tasks, 0.0f);
+  at::parallel_for(0, tasks, grain_for(rows * C), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      float* acc_a = partial.data() + 2 * C * t;
+      float* acc_b = acc_a + C;
+      const int64_t r_end = std::min(R, (t + 1) * rows);
+      for (int64_t r = t * rows; r < r_end; ++r) {
+        const T* xr = x + r * C;
+        const T* dr = bwd ? dy + r * C : nullptr;
+        for (int64_t c = 0; c < C; c += kW) {
+          const int64_t n = std::min(kW, C - c);
+          fVec x0, x1, p0, p1, sa0, sa1, sb0, sb1;
+          load2(xr + c, x0, x1, n);
+          load2(k.pivot + c, p0, p1, n);
+          load2(acc_a + c, sa0, sa1, n);
+          load2(acc_b + c, sb0, sb1, n);
+          fVec u0 = x0 - p0, u1 = x1 - p1;
+          if (bwd) {
+            fVec o0, o1, s0, s1, d0, d1;
+            load2(k.offset + c, o0, o1, n);
+            load2(k.coef_x + c, s0, s1, n);
+            load2(dr + c, d0, d1, n);
+            sa0 += d0;
+            sa1 += d1;
+            sb0 = at::vec::fmadd(d0, (u0 - o0) * s0, sb0);
+            sb1 = at::vec::fmadd(d1, (u1 - o1) * s1, sb1);
+          } else {
+            sa0 += u0;
+            sa1 += u1;
+            sb0 = at::vec::fmadd(u0, u0, sb0);
+            sb1 = at::vec::fmadd(u1, u1, sb1);
+          }
+          store2(acc_a + c, sa0, sa1, n);  // lanes past n are never stored
+          store2(acc_b + c, sb0, sb1, n);
+        }
+      }
+    }
+  });
+  at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      double sa = 0.0, sb = 0.0;
+      for (int64_t t = 0; t < tasks; ++t) {
+        sa += partial[2 * C * t + c];
+        sb += partial[2 * C * t + C + c];
+      }
+      sum_a[c] = sa;
+      sum_b[c] = sb;
+    }
+  });
+}
+
+// out = ((x - pivot) - offset) * coef_x + dy * coef_dy + coef_0   (dy optional)
+template <typename T>
+void channel_affine(const ChannelLayout& lay, const T* x, const T* dy, T* out, const ChannelCoefs& k) {
+  const int64_t C = lay.C;
+  const bool has_dy = dy != nullptr;
+  if (!lay.channels_last) {
+    const int64_t L = lay.L, chunk = std::min(L, kTaskElements), nchunks = (L + chunk - 1) / chunk;
+    const int64_t tasks = lay.N * C * nchunks;
+    at::parallel_for(0, tasks, grain_for(chunk), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t plane = t / nchunks, c = plane % C, start = (t % nchunks) * chunk;
+        const int64_t len = std::min(chunk, L - start), base = plane * L + start;
+        const fVec p(k.pivot[c]), o(k.offset[c]), cx(k.coef_x[c]), c0(k.coef_0[c]);
+        const fVec cdy(has_dy ? k.coef_dy[c] : 0.0f);
+        for (int64_t i = 0; i < len; i += kW) {
+          const int64_t n = std::min(kW, len - i);
+          fVec x0, x1;
+          load2(x + base + i, x0, x1, n);
+          fVec y0 = at::vec::fmadd((x0 - p) - o, cx, c0), y1 = at::vec::fmadd((x1 - p) - o, cx, c0);
+          if (has_dy) {
+            fVec d0, d1;
+            load2(dy + base + i, d0, d1, n);
+            y0 = at::vec::fmadd(d0, cdy, y0);
+            y1 = at::vec::fmadd(d1, cdy, y1);
+          }
+          store2(out + base + i, y0, y1, n);
+        }
+      }
+    });
+    return;
+  }
+  const int64_t R = lay.N * lay.L;
+  const int64_t rows = std::clamp<int64_t>(kTaskElements / C, 1, 1024);
+  const int64_t tasks = (R + rows - 1) / rows;
+  at::parallel_for(0, tasks, grain_for(rows * C), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r_end = std::min(R, (t + 1) * rows);
+      for (int64_t r = t * rows; r < r_end; ++r) {
+        for (int64_t c = 0; c < C; c += kW) {
+          const int64_t n = std::min(kW, C - c), off = r * C + c;
+          fVec x0, x1, p0, p1, o0, o1, cx0, cx1, c00, c01;
+          load2(x + off, x0, x1, n);
+          load2(k.pivot + c, p0, p1, n);
+          load2(k.offset + c, o0, o1, n);
+          load2(k.coef_x + c, cx0, cx1, n);
+          load2(k.coef_0 + c, c00, c01, n);
+          fVec y0 = at::vec::fmadd((x0 - p0) - o0, cx0, c00);
+          fVec y1 = at::vec::fmadd((x1 - p1) - o1, cx1, c01);
+          if (has_dy) {
+            fVec d0, d1, cd0, cd1;
+            load2(dy + off, d0, d1, n);
+            load2(k.coef_dy + c, cd0, cd1, n);
+            y0 = at::vec::fmadd(d0, cd0, y0);
+            y1 = at::vec::fmadd(d1, cd1, y1);
+          }
+          store2(out + off, y0, y1, n);
+        }
+      }
+    }
+  });
+}
+
+// The channel's first element (index (0, c, 0, ...)) as fp32, for each channel.
+template <typename T>
+std::vector<float> first_elements(const ChannelLayout& lay, const T* x) {
+  std::vector<float> p(lay.C);
+  const int64_t stride_c = lay.channels_last ? 1 : lay.L;
+  for (int64_t c = 0; c < lay.C; ++c) p[c] = static_cast<float>(x[c * stride_c]);
+  return p;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> batch_renorm_forward(
+    const ChannelLayout& lay, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, at::Tensor& running_mean, at::Tensor& running_std,
+    at::Tensor& num_batches_tracked, bool training, float momentum, float eps,
+    const Schedule& r_sched, const Schedule& d_sched) {
+  const int64_t C = lay.C;
+  const at::Tensor rm = channel_floats(running_mean), rs = channel_floats(running_std);
+  const at::Tensor w = weight ? channel_floats(*weight) : at::Tensor();
+  const at::Tensor b = bias ? channel_floats(*bias) : at::Tensor();
+  at::Tensor stats = at::empty({kStatRows, C}, lay.x.options().dtype(at::kFloat));
+  at::Tensor new_rm = at::empty({C}, stats.options()), new_rs = at::empty({C}, stats.options());
+  at::Tensor y = at::empty_like(lay.x);
+  SPECKLE_DISPATCH_FLOAT_TYPES(lay.x.scalar_type(), "batch_renorm_forward_cpu", [&] {
+    const scalar_t* x = lay.x.const_data_ptr<scalar_t>();
+    std::vector<double> sum_u(C, 0.0), sum_u2(C, 0.0);
+    std::vector<float> pivot;
+    if (training) {
+      pivot = first_elements(lay, x);
+      channel_sums<scalar_t>(lay, x, nullptr, {pivot.data(), nullptr, nullptr, nullptr, nullptr},
+                             sum_u.data(), sum_u2.data());
+    }
+    const float t = static_cast<float>(num_batches_tracked.item<int64_t>());
+    const double count = static_cast<double>(lay.N) * static_cast<double>(lay.L);
+    const float* rmp = rm.const_data_ptr<float>();
+    const float* rsp = rs.const_data_ptr<float>();
+    float* st = stats.data_ptr<float>();
+    for (int64_t c = 0; c < C; ++c) {
+      ForwardChannelIn in{sum_u[c], sum_u2[c], count, training ? pivot[c] : 0.0f, rmp[c], rsp[c],
+                          w.defined() ? w.const_data_ptr<float>()[c] : 1.0f,
+                          b.defined() ? b.const_data_ptr<float>()[c] : 0.0f};
+      finalize_forward_channel(in, training, eps, momentum, t, r_sched, d_sched, st + c, C,
+                               new_rm.data_ptr<float>() + c, new_rs.data_ptr<float>() + c);
+    }
+    channel_affine<scalar_t>(lay, x, nullptr, y.mutable_data_ptr<scalar_t>(),
+                             {st + kPivot * C, st + kMeanOffset * C, st + kScale * C, nullptr,
+                              st + kShift * C});
+  });
+  if (training) {
+    running_mean.copy_(new_rm);
+    running_std.copy_(new_rs);
+    num_batches_tracked.add_(1);
+  }
+  return {y, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_renorm_backward(
+    const at::Tensor& dy_in, const ChannelLayout& lay, const std::optional<at::Tensor>& weight,
+    const at::Tensor& stats, bool training) {
+  const int64_t C = lay.C;
+  const at::Tensor dy = match_layout(dy_in.to(lay.x.scalar_type()), lay.x);
+  const at::Tensor w = weight ? channel_floats(*weight) : at::Tensor();
+  at::Tensor grads = at::empty({kGradRows, C}, stats.options());
+  at::Tensor dx = at::empty_like(lay.x);
+  SPECKLE_DISPATCH_FLOAT_TYPES(lay.x.scalar_type(), "batch_renorm_backward_cpu", [&] {
+    const scalar_t* x = lay.x.const_data_ptr<scalar_t>();
+    const scalar_t* d = dy.const_data_ptr<scalar_t>();
+    const float* st = stats.const_data_ptr<float>();
+    std::vector<double> sum_dy(C), sum_dyz(C);
+    channel_sums<scalar_t>(lay, x, d, {st + kPivot * C, st + kMeanOffset * C, st + kInvstd * C, nullptr, nullptr},
+                           sum_dy.data(), sum_dyz.data());
+    const double count = static_cast<double>(lay.N) * static_cast<double>(lay.L);
+    float* g = grads.data_ptr<float>();
+    for (int64_t c = 0; c < C; ++c) {
+      finalize_backward_channel(sum_dy[c], sum_dyz[c], count, st + c, w.defined() ? w.const_data_ptr<float>()[c] : 1.0f,
+                                training, g + c, C);
+    }
+    channel_affine<scalar_t>(lay, x, d, dx.mutable_data_ptr<scalar_t>(),
+                             {st + kPivot * C, st + kMeanOffset * C, g + kGradB * C, g + kGradA * C,
+                              g + kGradC0 * C});
+  });
+  return {dx, grads[kGradWeight], grads[kGradBias]};
+}
+
+}  // namespace speckle::cpu

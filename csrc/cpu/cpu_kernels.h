@@ -1,0 +1,38 @@
+// Entry points of the CPU kernels; arguments are checked by the caller (batch_renorm_api.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <optional>
+#include <tuple>
+
+#include "../api_common.h"
+#include "../include/philox.h"
+
+// float32 / float16 / bfloat16 only (no double instantiation).
+#define SPECKLE_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                   \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+namespace speckle::cpu {
+
+// Returns (y, stats (kStatRows, C) fp32); updates the running buffers when training.
+std::tuple<at::Tensor, at::Tensor> batch_renorm_forward(
+    const ChannelLayout& lay, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, at::Tensor& running_mean, at::Tensor& running_std,
+    at::Tensor& num_batches_tracked, bool training, float momentum, float eps,
+    const Schedule& r_sched, const Schedule& d_sched);
+
+// Returns (dx in x's layout, dweight fp32 (C,), dbias fp32 (C,)).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_renorm_backward(
+    const at::Tensor& dy, const ChannelLayout& lay, const std::optional<at::Tensor>& weight,
+    const at::Tensor& stats, bool training);
+
+// Writes the noisy version of src (contiguous float, or uint8 when clean != nullptr) to out,
+// and 2v-1 to clean. Sizes: images * numel_per_image elements.
+void speckle_noise(const at::Tensor& src, at::Tensor& out, at::Tensor* clean, int64_t images,
+                   const SpeckleParams& params);
+
+}  // namespace speckle::cpu
