@@ -36,7 +36,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-PHANTOM_VERSION = 1       # bump when the output changes: it is part of the cache key
+PHANTOM_VERSION = 2       # bump when the output changes: it is part of the cache key
 FINE = 1                  # the simulation grid is FINE x finer than the output along depth
 MARGIN = 6                # output pixels simulated around the image, cropped (FFT wrap, edges)
 CHUNK = 64                # images per batch of work
@@ -44,8 +44,8 @@ MAP_DB = 45.0             # reflectivity range of the echogenicity map
 DISPLAY_DB = 55.0         # displayed dynamic range; the top is TOP_DB above a 0 dB reflector
 TOP_DB = 10.0
 F0 = 0.25                 # pulse centre frequency, cycles per simulation pixel along depth
-SIGMA_AXIAL = 1.2         # pulse envelope (simulation pixels, standard deviation) along depth
-SIGMA_LATERAL = 1.1       # beam width (output pixels, standard deviation) across
+SIGMA_AXIAL = 0.8         # pulse envelope (simulation pixels, standard deviation) along depth
+SIGMA_LATERAL = 1.4       # beam width (output pixels, standard deviation) across
 RAYLEIGH_LOG_BIAS_DB = 10.0 * 0.5772156649015329 / math.log(10.0)   # E[10 log10 |A|^2 / P] = -2.51 dB
 _ROUND_SLOTS = 3          # round sections per image (each present with some probability)
 
