@@ -26,6 +26,8 @@ on the device, so the layer can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
+from typing import List, Optional, Tuple
+
 import torch
 
 from ._backend import HAS_TRITON, resolve_backend
@@ -45,6 +47,7 @@ if HAS_TRITON:
 # centred values keep their precision even where fp32 cannot hold the mean itself finely.
 STAT_PIVOT, STAT_MEAN_OFFSET, STAT_INVSTD, STAT_R, STAT_D, STAT_INV_S, STAT_SCALE, STAT_SHIFT = range(8)
 GRAD_WEIGHT, GRAD_BIAS, GRAD_A, GRAD_B, GRAD_C0 = range(5)
+N_STATS, N_GRADS = 8, 5
 TILE_ELEMENTS = 2048  # per tile: 16 fp32 values a thread at 4 warps; enough bytes in flight
 FINALIZE_BLOCK_C = 64
 FINALIZE_BLOCK_P = 32
@@ -271,24 +274,27 @@ if HAS_TRITON:
 
 # ----------------------------------------------------------------------------- host side
 
+def kernel_input(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels read it: itself when contiguous or channels_last, else a contiguous copy.
+    The output has the same layout (fake kernels use this to give torch.compile the strides)."""
+    order = (0, *range(2, x.dim()), 1)
+    if x.is_contiguous() or x.permute(order).is_contiguous():
+        return x
+    return x.contiguous()
+
+
 class _Layout:
     """x viewed as (outer, inner, C) with element strides, and the tile shape that suits it."""
 
     def __init__(self, x: torch.Tensor):
+        self.tensor = x = kernel_input(x)
         n, c = x.shape[0], x.shape[1]
         inner = x.numel() // max(n * c, 1)
-        channels_last_order = (0, *range(2, x.dim()), 1)
-        if inner == 1 and x.is_contiguous():
-            self.tensor, self.channels_last = x, True
-            self.outer, self.inner, self.strides = 1, n, (0, c, 1)
-        elif x.is_contiguous():
-            self.tensor, self.channels_last = x, False
-            self.outer, self.inner, self.strides = n, inner, (c * inner, 1, inner)
-        elif x.permute(channels_last_order).is_contiguous():
-            self.tensor, self.channels_last = x, True
+        # (N, C) input is a (rows, C) matrix: the channels_last path reads it best.
+        self.channels_last = inner == 1 or not x.is_contiguous()
+        if self.channels_last:
             self.outer, self.inner, self.strides = 1, n * inner, (0, c, 1)
-        else:  # an arbitrary strided view: one copy, documented in the README
-            self.tensor, self.channels_last = x.contiguous(), False
+        else:
             self.outer, self.inner, self.strides = n, inner, (c * inner, 1, inner)
         self.C = c
         if self.channels_last:
@@ -345,13 +351,13 @@ def _per_channel_affine(layout: _Layout, x, dy, stats, coef_x, coef_dy, coef_0) 
     return out
 
 
-def batch_renorm_forward(x, weight, bias, running_mean, running_std, num_batches_tracked, *,
-                         training: bool, momentum: float, eps: float,
-                         r_max: RenormSchedule, d_max: RenormSchedule):
-    """Triton forward. Returns (y, stats, layout); updates the running buffers when training."""
+def batch_renorm_statistics(x, weight, bias, running_mean, running_std, num_batches_tracked, *,
+                            training: bool, momentum: float, eps: float,
+                            r_max: RenormSchedule, d_max: RenormSchedule) -> torch.Tensor:
+    """The (8, C) fp32 rows STAT_*; updates the running buffers when training (on the device)."""
     layout = _Layout(x)
     C = layout.C
-    stats = torch.empty((8, C), device=x.device, dtype=torch.float32)
+    stats = torch.empty((N_STATS, C), device=x.device, dtype=torch.float32)
     partial = _channel_sums(layout, None, None) if training else stats
     _batch_renorm_forward_finalize_kernel[(triton.cdiv(C, FINALIZE_BLOCK_C),)](
         layout.tensor, partial, weight if weight is not None else stats,
@@ -362,17 +368,19 @@ def batch_renorm_forward(x, weight, bias, running_mean, running_std, num_batches
         BLOCK_C=FINALIZE_BLOCK_C, BLOCK_P=FINALIZE_BLOCK_P)
     if training:  # after the finalize kernel has read t: its programs must all see the same t
         num_batches_tracked.add_(1)
-    y = _per_channel_affine(layout, layout.tensor, None, stats, stats[STAT_SCALE], None,
-                            stats[STAT_SHIFT])
-    return y, stats, layout
+    return stats
+
+
+def batch_renorm_normalize(layout: _Layout, stats: torch.Tensor) -> torch.Tensor:
+    return _per_channel_affine(layout, layout.tensor, None, stats, stats[STAT_SCALE], None, stats[STAT_SHIFT])
 
 
 def batch_renorm_backward(dy, layout: _Layout, weight, stats, *, training: bool):
-    """Triton backward. Returns (dx, dweight, dbias) with dweight/dbias in fp32."""
+    """Triton backward. Returns (dx, grads), grads the (5, C) fp32 rows GRAD_*."""
     dy = layout.match(dy)
     C = layout.C
     partial = _channel_sums(layout, dy, stats)
-    grads = torch.empty((5, C), device=dy.device, dtype=torch.float32)
+    grads = torch.empty((N_GRADS, C), device=dy.device, dtype=torch.float32)
     _batch_renorm_backward_finalize_kernel[(triton.cdiv(C, FINALIZE_BLOCK_C),)](
         partial, weight if weight is not None else stats, stats, grads,
         partial.shape[1], C, float(dy.numel() // C),
@@ -380,31 +388,74 @@ def batch_renorm_backward(dy, layout: _Layout, weight, stats, *, training: bool)
         BLOCK_C=FINALIZE_BLOCK_C, BLOCK_P=FINALIZE_BLOCK_P)
     dx = _per_channel_affine(layout, layout.tensor, dy, stats, grads[GRAD_B], grads[GRAD_A],
                              grads[GRAD_C0])
-    return dx, grads[GRAD_WEIGHT], grads[GRAD_BIAS]
+    return dx, grads
 
 
-class BatchRenormTritonFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_std, num_batches_tracked,
-                training, momentum, eps, r_max, d_max):
-        y, stats, layout = batch_renorm_forward(
-            x, weight, bias, running_mean, running_std, num_batches_tracked,
-            training=training, momentum=momentum, eps=eps, r_max=r_max, d_max=d_max)
-        ctx.save_for_backward(layout.tensor, weight, stats)
-        ctx.training = training
-        ctx.has_bias = bias is not None
-        ctx.x_shape = x.shape
-        return y
+# Registered as torch ops so that torch.compile(fullgraph=True) traces through the layer (as
+# opaque calls) and autograd, functionalization and CUDA graphs see normal ops. An op that
+# mutates its inputs cannot carry an autograd formula, so the layer is two ops: the statistics
+# (mutates the running buffers, no gradient) and the normalization, whose backward holds the
+# whole gradient, including the part that flows through the batch mean and std.
+@torch.library.custom_op("speckle_kernels::batch_renorm_triton_statistics",
+                         mutates_args=("running_mean", "running_std", "num_batches_tracked"))
+def batch_renorm_triton_statistics(
+    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    running_mean: torch.Tensor, running_std: torch.Tensor, num_batches_tracked: torch.Tensor,
+    training: bool, momentum: float, eps: float, schedule: List[float],
+) -> torch.Tensor:
+    """The (8, C) fp32 per-channel tensor (rows STAT_*); updates the buffers when training."""
+    return batch_renorm_statistics(x, weight, bias, running_mean, running_std, num_batches_tracked,
+                                   training=training, momentum=momentum, eps=eps,
+                                   r_max=RenormSchedule(*schedule[:4]), d_max=RenormSchedule(*schedule[4:]))
 
-    @staticmethod
-    def backward(ctx, dy):
-        x_saved, weight, stats = ctx.saved_tensors
-        layout = _Layout(x_saved)
-        dx, dweight, dbias = batch_renorm_backward(dy, layout, weight, stats, training=ctx.training)
-        dweight = dweight.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        dbias = dbias.to(weight.dtype if weight is not None else dbias.dtype) \
-            if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dweight, dbias, None, None, None, None, None, None, None, None
+
+@batch_renorm_triton_statistics.register_fake
+def _(x, weight, bias, running_mean, running_std, num_batches_tracked, training, momentum, eps, schedule):
+    return x.new_empty((N_STATS, x.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("speckle_kernels::batch_renorm_triton_normalize", mutates_args=())
+def batch_renorm_triton_normalize(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                                  stats: torch.Tensor, training: bool) -> torch.Tensor:
+    """y = ((x - pivot) - offset)*scale + shift with the rows of stats, where weight and bias are
+    already folded in; they are inputs so that autograd routes their gradients here."""
+    return batch_renorm_normalize(_Layout(x), stats)
+
+
+@batch_renorm_triton_normalize.register_fake
+def _(x, weight, bias, stats, training):
+    return torch.empty_like(kernel_input(x))
+
+
+@torch.library.custom_op("speckle_kernels::batch_renorm_triton_backward", mutates_args=())
+def batch_renorm_triton_backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+                                 stats: torch.Tensor, training: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Returns (dx, grads): grads is (5, C) fp32 with rows GRAD_* (dweight, dbias first)."""
+    return batch_renorm_backward(dy, _Layout(x), weight, stats, training=training)
+
+
+@batch_renorm_triton_backward.register_fake
+def _(dy, x, weight, stats, training):
+    return torch.empty_like(kernel_input(x)), x.new_empty((N_GRADS, x.shape[1]), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, stats, training = inputs
+    ctx.save_for_backward(x, weight, stats)
+    ctx.training = training
+    ctx.has_bias = bias is not None
+
+
+def _normalize_backward(ctx, dy):
+    x, weight, stats = ctx.saved_tensors
+    dx, grads = batch_renorm_triton_backward(dy, x, weight, stats, ctx.training)
+    param_dtype = weight.dtype if weight is not None else torch.float32
+    dweight = grads[GRAD_WEIGHT].to(param_dtype) if weight is not None else None
+    dbias = grads[GRAD_BIAS].to(param_dtype) if ctx.has_bias else None
+    return dx, dweight, dbias, None, None
+
+
+batch_renorm_triton_normalize.register_autograd(_normalize_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- dispatcher
@@ -471,9 +522,13 @@ def batch_renorm(
             x, running_mean, running_std, num_batches_tracked, weight, bias, training=training,
             momentum=momentum, eps=eps, r_max=r_max, d_max=d_max)
     if chosen == "triton":
-        return BatchRenormTritonFunction.apply(
-            x, weight, bias, running_mean, running_std, num_batches_tracked,
-            training, float(momentum), float(eps), r_max, d_max)
+        schedule = [r_max.slope, r_max.start, r_max.low, r_max.high,
+                    d_max.slope, d_max.start, d_max.low, d_max.high]
+        detach = (lambda t: t.detach() if t is not None else None)
+        stats = batch_renorm_triton_statistics(x.detach(), detach(weight), detach(bias), running_mean,
+                                               running_std, num_batches_tracked, training, float(momentum),
+                                               float(eps), schedule)
+        return batch_renorm_triton_normalize(x, weight, bias, stats, training)
     return _ext.batch_renorm(x, weight, bias, running_mean, running_std, num_batches_tracked,
                              training=training, momentum=float(momentum), eps=float(eps),
                              r_max=r_max, d_max=d_max)

@@ -66,6 +66,24 @@ def _sqrt_zero_grad_at_zero(var: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, safe.sqrt(), torch.zeros_like(var))
 
 
+def renorm_correction(mean, std, running_mean, running_std, num_batches_tracked,
+                      r_max: RenormSchedule, d_max: RenormSchedule):
+    """r = clamp(std/rs, 1/r_max, r_max), d = clamp((mean-rm)/rs, -d_max, d_max), on the device."""
+    rmax = r_max(num_batches_tracked).to(mean.dtype)
+    dmax = d_max(num_batches_tracked).to(mean.dtype)
+    r = torch.minimum(torch.maximum(std / running_std, 1.0 / rmax), rmax)
+    d = torch.minimum(torch.maximum((mean - running_mean) / running_std, -dmax), dmax)
+    return r, d
+
+
+@torch.no_grad()
+def update_running_stats(mean, std, running_mean, running_std, num_batches_tracked, momentum: float):
+    """Exponential moving averages of the batch mean and std (after r and d were taken)."""
+    running_mean.add_(momentum * (mean.flatten() - running_mean))
+    running_std.add_(momentum * (std.flatten() - running_std))
+    num_batches_tracked.add_(1)
+
+
 def batch_renorm_reference(
     x: torch.Tensor,
     running_mean: torch.Tensor,
@@ -97,16 +115,10 @@ def batch_renorm_reference(
         mean = x.mean(dims, keepdim=True)
         var = (x - mean).square().mean(dims, keepdim=True)
         std = _sqrt_zero_grad_at_zero(var) + eps
-        t = num_batches_tracked
-        rmax = r_max(t).to(x.dtype)
-        dmax = d_max(t).to(x.dtype)
-        r = torch.minimum(torch.maximum(std.detach() / rs, 1.0 / rmax), rmax)
-        d = torch.minimum(torch.maximum((mean.detach() - rm) / rs, -dmax), dmax)
+        r, d = renorm_correction(mean.detach(), std.detach(), rm, rs, num_batches_tracked, r_max, d_max)
         xhat = (x - mean) / std * r + d
-        with torch.no_grad():
-            running_mean.add_(momentum * (mean.flatten() - running_mean))
-            running_std.add_(momentum * (std.flatten() - running_std))
-            num_batches_tracked.add_(1)
+        update_running_stats(mean.detach(), std.detach(), running_mean, running_std, num_batches_tracked,
+                             momentum)
     else:
         xhat = (x - rm) / rs
     if weight is not None:

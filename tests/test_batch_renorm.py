@@ -167,16 +167,16 @@ def test_gradient_layout_differs_from_input():
 def test_reference_gradcheck_float64():
     # r and d carry no gradient by definition, so finite differences agree with autograd only
     # where they are locally constant: t=0 (r_max=1, d_max=0: plain batch norm) or running
-    # statistics far enough off that both clip (running_std=0.01).
-    for shape, t, rs in (((3, 2, 4, 3), 0, 0.8), ((3, 2, 4, 3), 30000, 0.01), ((1, 2, 1, 1), 10, 0.8),
-                         ((4, 3), 0, 1.0)):
+    # statistics far enough off that both clip (running_mean=10, running_std=0.01).
+    for shape, t, rm, rs in (((3, 2, 4, 3), 0, 0.0, 0.8), ((3, 2, 4, 3), 30000, 10.0, 0.01),
+                             ((1, 2, 1, 1), 10, 0.0, 0.8), ((4, 3), 0, 0.0, 1.0)):
         c = shape[1]
         x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
         w = torch.randn(c, dtype=torch.float64, requires_grad=True)
         b = torch.randn(c, dtype=torch.float64, requires_grad=True)
 
         def fn(x, w, b):
-            bufs = (torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64) * rs,
+            bufs = (torch.full((c,), rm, dtype=torch.float64), torch.full((c,), rs, dtype=torch.float64),
                     torch.tensor(t))
             return batch_renorm_reference(x, *bufs, w, b, training=True)
 
