@@ -68,7 +68,8 @@ setup(
         "ninja",
     ],
     extras_require={"test": ["pytest", "pytest-benchmark"]},
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["speckle-train = models.train:main",
+                                      "speckle-reproduce = models.reproduce:main"]},
     ext_modules=_EXT_MODULES,
     cmdclass=_CMDCLASS,
 )

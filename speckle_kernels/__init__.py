@@ -2,10 +2,14 @@
 from ._backend import HAS_TRITON
 from .batch_renorm import batch_renorm
 from .layers import FusedBatchRenorm1d, FusedBatchRenorm2d, FusedBatchRenorm3d
+from .noise import add_speckle_noise, make_noisy_batch
 from .reference import DMAX_SCHEDULE, RMAX_SCHEDULE, RenormSchedule, batch_renorm_reference
+from .sync_batch_renorm import SyncFusedBatchRenorm, convert_batchrenorm, convert_sync_batchrenorm
 
 __version__ = "0.1.0"
 __all__ = [
     "HAS_TRITON", "batch_renorm", "batch_renorm_reference", "FusedBatchRenorm1d",
     "FusedBatchRenorm2d", "FusedBatchRenorm3d", "RenormSchedule", "RMAX_SCHEDULE", "DMAX_SCHEDULE",
+    "SyncFusedBatchRenorm", "convert_batchrenorm", "convert_sync_batchrenorm",
+    "add_speckle_noise", "make_noisy_batch",
 ]
