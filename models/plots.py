@@ -1,0 +1,80 @@
+"""The paper's figures: loss per epoch (fig. 6) and clean / noisy / denoised images (fig. 7).
+
+PNG files are rendered in memory and written atomically (temp file + os.replace), with the
+non-interactive Agg backend so that no display is needed.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    from .train import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _figure().close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def loss_curves(history: list[dict], path: Path, *, title: str = "") -> None:
+    """Train and validation loss against the epoch (fig. 6)."""
+    plt = _figure()
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax.plot(epochs, [h["val_loss"] for h in history], "s-", label="validation")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("MSE loss (images in [-1, 1])")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def sample_grid(clean: torch.Tensor, noisy: torch.Tensor, denoised: torch.Tensor, path: Path,
+                *, title: str = "") -> None:
+    """Rows: clean, noisy, denoised; one column per image (normalized [-1, 1] inputs; fig. 7)."""
+    plt = _figure()
+    rows = {"clean": clean, "noisy": noisy, "denoised": denoised}
+    k = clean.shape[0]
+    fig, axes = plt.subplots(3, k, figsize=(1.8 * k, 5.6), squeeze=False)
+    for r, (name, images) in enumerate(rows.items()):
+        for j in range(k):
+            img = (images[j, 0].detach().float().cpu() * 0.5 + 0.5).clamp(0, 1).numpy()
+            ax = axes[r][j]
+            ax.imshow(img, cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(name)
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def table2_curves(histories: dict[str, list[dict]], path: Path, *, title: str = "") -> None:
+    """Validation loss per epoch of every run of a reproduction, one line per run."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, history in histories.items():
+        ax.plot([h["epoch"] for h in history], [h["val_loss"] for h in history], "o-", ms=3, label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation MSE")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=3)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
