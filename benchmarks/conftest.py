@@ -1,0 +1,89 @@
+"""pytest-benchmark setup: size option, device, the session's copy bandwidth, and `timed`.
+
+    pytest benchmarks --benchmark-only                     # small on a CPU, full on a GPU
+    SPECKLE_BENCH_SIZE=full pytest benchmarks --benchmark-only --benchmark-json=out.json
+    python -m benchmarks.report out.json --out DIR         # markdown table + PNG chart
+
+Triton must not run under its interpreter here (that is a correctness tool, not a speed):
+the Triton implementations are skipped on CPU tensors whatever TRITON_INTERPRET says.
+"""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+import pytest
+import torch
+
+from . import (bench_device, bench_size, copy_bandwidth, device_name, rounds_for, synchronize)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--speckle-size", choices=("small", "full"), default=None,
+                     help="benchmark sizes (default: SPECKLE_BENCH_SIZE, else full on a GPU, small on a CPU)")
+    parser.addoption("--speckle-device", default=None,
+                     help="device to benchmark on (default: SPECKLE_BENCH_DEVICE, else cuda if present)")
+
+
+def pytest_configure(config):
+    # Parametrization reads these at collection, so the options become the variables first.
+    if config.getoption("--speckle-size", None):
+        os.environ["SPECKLE_BENCH_SIZE"] = config.getoption("--speckle-size")
+    if config.getoption("--speckle-device", None):
+        os.environ["SPECKLE_BENCH_DEVICE"] = config.getoption("--speckle-device")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_benchmark_group_stats(config, benchmarks, group_by):
+    """Default grouping: one terminal table per group and case, implementations side by side
+    (the JSON keeps the plain group names). Other --benchmark-group-by values: the plugin's."""
+    if group_by != "group":
+        return None
+    groups = defaultdict(list)
+    for bench in benchmarks:
+        case = (bench["extra_info"] or {}).get("case")
+        groups[f"{bench['group']}: {case}" if case else bench["group"]].append(bench)
+    for members in groups.values():
+        members.sort(key=lambda b: b["name"])
+    return sorted(groups.items(), key=lambda pair: pair[0] or "")
+
+
+DEVICE = bench_device()
+SIZE = bench_size(DEVICE)
+
+
+@pytest.fixture(scope="session")
+def copy_speed():
+    """dst.copy_(src) far beyond the caches, measured once in this session: the ceiling."""
+    return copy_bandwidth(DEVICE)
+
+
+@pytest.fixture
+def timed(benchmark, copy_speed):
+    """timed(group, impl, case_label, fn, nbytes, **extra): times fn() with pedantic rounds
+    (synchronizing inside on a GPU, warm-up rounds first) and records in extra_info the bytes
+    the call must move, the achieved GB/s and its fraction of the session's copy bandwidth."""
+    rounds, warmup = rounds_for(SIZE, DEVICE)
+
+    def run(group, impl, case, fn, nbytes, **extra):
+        benchmark.group = group
+        benchmark.extra_info.update(
+            group=group, impl=impl, case=case, bytes=nbytes, device=device_name(DEVICE),
+            device_type=DEVICE.type, size=SIZE, copy_gbps=copy_speed["gbps"],
+            torch=torch.__version__, threads=torch.get_num_threads(),
+            load_avg=os.getloadavg()[0], **extra)
+
+        def target():
+            out = fn()
+            synchronize(DEVICE)
+            return out
+
+        synchronize(DEVICE)
+        benchmark.pedantic(target, rounds=rounds, iterations=1, warmup_rounds=warmup)
+        stats = getattr(getattr(benchmark, "stats", None), "stats", None)
+        if stats is not None and nbytes:
+            gbps = nbytes / stats.median / 1e9
+            benchmark.extra_info.update(gbps=gbps, fraction_of_copy=gbps / copy_speed["gbps"])
+        return stats
+
+    return run

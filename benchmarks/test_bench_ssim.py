@@ -1,0 +1,31 @@
+"""Batched SSIM (speckle_kernels.metrics.ssim) against scikit-image, its reference.
+
+scikit-image runs image by image on the CPU (float64 numpy); the torch versions take the whole
+batch on the benchmark's device. Each is first checked against scikit-image to 1e-4 per image.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from . import BATCH, IMAGE, SSIM_IMPLS, check_ssim, ssim_impl, ssim_pair, tensor_bytes
+from .conftest import DEVICE, SIZE
+
+SHAPE = (BATCH if SIZE == "full" else 8, 1, IMAGE, IMAGE)
+
+
+@pytest.mark.parametrize("impl", SSIM_IMPLS)
+def test_ssim(timed, impl):
+    fn = ssim_impl(impl, DEVICE)
+    pred, target = ssim_pair(SHAPE, DEVICE)
+    try:  # the first call compiles under torch.compile
+        check_ssim(impl, fn, pred, target)
+    except Exception as e:
+        if impl != "ssim-fp32-compiled" or isinstance(e, AssertionError):
+            raise
+        pytest.skip(f"torch.compile failed here: {type(e).__name__}: {e}"[:500])
+    fn(pred, target)
+    timed("ssim", impl, f"ssim {'x'.join(map(str, SHAPE))} fp32 in", lambda: fn(pred, target),
+          2 * tensor_bytes(SHAPE, torch.float32),
+          check="passed" if impl != "skimage" else "is the reference",
+          ran_on="cpu (numpy)" if impl == "skimage" else DEVICE.type)
