@@ -20,7 +20,7 @@ at::Tensor add_speckle_noise_cpu(const at::Tensor& x, int64_t seed, int64_t offs
   check_float_input(x, "add_speckle_noise: x");
   const SpeckleParams prm = noise_params(seed, offset, factor, sigma_low, sigma_high, sigma_add, rayleigh, clip);
   const at::Tensor src = x.contiguous();
-  at::Tensor y = at::empty_like(src);
+  at::Tensor y = cpu::empty_output(src);
   cpu::speckle_noise(src, y, nullptr, noise_images(src), prm);
   return y;
 }
@@ -32,8 +32,8 @@ std::tuple<at::Tensor, at::Tensor> make_noisy_batch_cpu(const at::Tensor& clean_
   check_noisy_batch_args(clean_u8, out_dtype);
   const SpeckleParams prm = noise_params(seed, offset, factor, sigma_low, sigma_high, sigma_add, rayleigh, clip);
   const at::Tensor src = clean_u8.contiguous();
-  at::Tensor noisy = at::empty(src.sizes(), src.options().dtype(out_dtype));
-  at::Tensor clean = at::empty_like(noisy);
+  at::Tensor noisy = cpu::empty_output(src, out_dtype);
+  at::Tensor clean = cpu::empty_output(noisy);
   cpu::speckle_noise(src, noisy, &clean, noise_images(src), prm);
   return {noisy, clean};
 }

@@ -18,6 +18,9 @@
 
 namespace speckle::cpu {
 
+// at::empty_like(like), with transparent huge pages requested for large tensors (Linux).
+at::Tensor empty_output(const at::Tensor& like, std::optional<at::ScalarType> dtype = std::nullopt);
+
 // Returns (y, stats (kStatRows, C) fp32); updates the running buffers when training.
 std::tuple<at::Tensor, at::Tensor> batch_renorm_forward(
     const ChannelLayout& lay, const std::optional<at::Tensor>& weight,

@@ -81,7 +81,8 @@ SPECKLE_HD void standard_noise(uint64_t seed, uint64_t e, bool rayleigh, float& 
   n2 = noise_radius(philox_uniform(r2)) * cosf(kTwoPi * philox_uniform(r3));
 }
 
-SPECKLE_HD float clamp_unit(float y) { return fminf(fmaxf(y, 0.0f), 1.0f); }
+// Comparisons rather than fminf/fmaxf: the host compiler calls libm for those.
+SPECKLE_HD float clamp_unit(float y) { return y < 0.0f ? 0.0f : (y > 1.0f ? 1.0f : y); }
 
 // Noise parameters of one call (sigma is per image when sigma_span > 0).
 struct SpeckleParams {
