@@ -36,7 +36,9 @@ class _SyncBatchRenormFunction(torch.autograd.Function):
         local = torch.stack([count, mean, var * count])  # (3, C)
         world = dist.get_world_size(group)
         gathered = torch.empty((world * 3, x.shape[1]), device=x.device, dtype=local.dtype)
-        dist.all_gather_into_tensor(gathered, local.contiguous(), group=group)
+        # all_gather_single replaces all_gather_into_tensor in newer torch; same collective
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(gathered, local.contiguous(), group=group)
         counts, means, m2s = gathered.view(world, 3, -1).unbind(1)  # each (world, C)
         total = counts.sum(0)
         mean = (counts * means).sum(0) / total

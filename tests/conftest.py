@@ -4,6 +4,7 @@ Triton reads TRITON_INTERPRET when a kernel is decorated, so it is set here, bef
 module imports speckle_kernels.
 """
 import os
+import zlib
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -14,5 +15,5 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     # A different but reproducible stream per test: fresh inputs, replayable failures.
-    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     yield
