@@ -34,7 +34,7 @@ def _extensions():
         from torch.utils import cpp_extension
     except ImportError:  # no torch at build time: pure-Python install, the package falls back
         return [], {}
-    cxx = ["-O3", "-std=c++17", *_cpu_vector_flags()]
+    cxx = ["-O3", *_cpu_vector_flags()]  # the C++ standard: the one torch's build_ext picks
     exts = [cpp_extension.CppExtension(
         "speckle_kernels._C",
         sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")),
@@ -44,8 +44,8 @@ def _extensions():
         exts.append(cpp_extension.CUDAExtension(
             "speckle_kernels._C_cuda",
             sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp")),
-            extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                                "nvcc": ["-O3", "--std=c++17", "-lineinfo"]}))
+            extra_compile_args={"cxx": ["-O3"],
+                                "nvcc": ["-O3", "-lineinfo"]}))
     return exts, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 

@@ -1,0 +1,297 @@
+// BatchRenorm forward/backward CUDA kernels (plain CUDA C++, launched by launchers.h's API).
+//
+// Same plan as the Triton kernels of speckle_kernels/batch_renorm.py, everything on the device
+// (no host sync, so the layer can be captured in a CUDA graph):
+//   1. sums: each channel's reduction split over P blocks (blockIdx.x) -> (2, P, C) fp32 partials.
+//      One block per channel would leave an H100 idle at C = 64, 524288 values a channel.
+//   2. finalize: one thread a channel merges its P partials in double and applies the shared
+//      per-channel math (include/batch_renorm_math.h): r, d from num_batches_tracked read on
+//      the device, running-stat update, folded coefficients; a 1-thread kernel then bumps t.
+//   3. affine: out = ((x - pivot) - offset)*coef_x + dy*coef_dy + coef_0 (y, or dx in backward).
+// Layouts: contiguous (planes of L values, blocks walk tiles of one plane row) and channels-last
+// (rows of C values, 32 channels x 8 rows a block so loads coalesce along C). Offsets are 64-bit.
+// Limits: C <= 65535 for contiguous input (channels on gridDim.y); no 128-bit vector loads yet.
+#include <algorithm>
+#include <type_traits>
+
+#include "common.cuh"
+#include "launchers.h"
+
+namespace speckle::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kPerThread = 4;
+constexpr int64_t kTile = kThreads * kPerThread;  // values of one plane a contiguous tile holds
+constexpr int kClChannels = 32, kClRows = 8;      // channels-last block: 32 channels x 8 rows
+constexpr int kFinalizeThreads = 128;
+constexpr int kMaxPartials = 4096;
+
+// The per-channel values a sums pass centres with: forward pivot = the channel's first element;
+// backward (pivot, offset, invstd) from the saved stats.
+template <typename T, bool BWD>
+__device__ __forceinline__ void centre_of(const T* x, const float* stats, int64_t c, int64_t C,
+                                          int64_t channel_stride, float& pivot, float& offset,
+                                          float& invstd) {
+  if (BWD) {
+    pivot = stats[kPivot * C + c];
+    offset = stats[kMeanOffset * C + c];
+    invstd = stats[kInvstd * C + c];
+  } else {
+    pivot = to_float(x[c * channel_stride]);
+    offset = 0.0f;
+    invstd = 1.0f;
+  }
+}
+
+// Forward: a += u, b += u^2 (u = x - pivot); backward: a += dy, b += dy*z.
+template <bool BWD>
+__device__ __forceinline__ void accumulate(float xv, float dyv, float pivot, float offset,
+                                           float invstd, float& a, float& b) {
+  const float u = xv - pivot;
+  if (BWD) {
+    a += dyv;
+    b += dyv * ((u - offset) * invstd);
+  } else {
+    a += u;
+    b += u * u;
+  }
+}
+
+// grid (P, C), block kThreads.  x, dy: (N, C, L) contiguous; partial: (2, P, C).
+template <typename T, bool BWD>
+__global__ void sums_contiguous_kernel(const T* __restrict__ x, const T* __restrict__ dy,
+                                       const float* __restrict__ stats, float* __restrict__ partial,
+                                       int64_t N, int64_t C, int64_t L, int64_t tiles_per_row) {
+  const int64_t c = blockIdx.y;
+  const int p = blockIdx.x, P = gridDim.x;
+  float pivot, offset, invstd, a = 0.0f, b = 0.0f;
+  centre_of<T, BWD>(x, stats, c, C, L, pivot, offset, invstd);
+  for (int64_t t = p; t < N * tiles_per_row; t += P) {
+    const int64_t n = t / tiles_per_row, l0 = (t - n * tiles_per_row) * kTile;
+    const int64_t base = (n * C + c) * L;
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int64_t l = l0 + j * kThreads + threadIdx.x;
+      if (l < L) accumulate<BWD>(to_float(x[base + l]), BWD ? to_float(dy[base + l]) : 0.0f, pivot, offset, invstd, a, b);
+    }
+  }
+  __shared__ float shared[32];
+  a = block_sum(a, shared);
+  b = block_sum(b, shared);
+  if (threadIdx.x == 0) {
+    partial[p * C + c] = a;
+    partial[(P + p) * C + c] = b;
+  }
+}
+
+// grid (P, ceil(C/32)), block (32, 8).  x, dy: (R, C) rows; partial: (2, P, C).
+template <typename T, bool BWD>
+__global__ void sums_channels_last_kernel(const T* __restrict__ x, const T* __restrict__ dy,
+                                          const float* __restrict__ stats, float* __restrict__ partial,
+                                          int64_t R, int64_t C) {
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * kClChannels + threadIdx.x;
+  const int p = blockIdx.x, P = gridDim.x;
+  float a = 0.0f, b = 0.0f;
+  if (c < C) {
+    float pivot, offset, invstd;
+    centre_of<T, BWD>(x, stats, c, C, 1, pivot, offset, invstd);
+    for (int64_t r = static_cast<int64_t>(p) * kClRows + threadIdx.y; r < R; r += static_cast<int64_t>(P) * kClRows) {
+      const int64_t i = r * C + c;
+      accumulate<BWD>(to_float(x[i]), BWD ? to_float(dy[i]) : 0.0f, pivot, offset, invstd, a, b);
+    }
+  }
+  __shared__ float sa[kClRows][kClChannels + 1], sb[kClRows][kClChannels + 1];
+  sa[threadIdx.y][threadIdx.x] = a;
+  sb[threadIdx.y][threadIdx.x] = b;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < C) {
+    for (int k = 1; k < kClRows; ++k) {
+      a += sa[k][threadIdx.x];
+      b += sb[k][threadIdx.x];
+    }
+    partial[p * C + c] = a;
+    partial[(P + p) * C + c] = b;
+  }
+}
+
+__device__ __forceinline__ void merge_partials(const float* partial, int P, int64_t C, int64_t c,
+                                               double& a, double& b) {
+  a = 0.0;
+  b = 0.0;
+  for (int p = 0; p < P; ++p) {
+    a += partial[p * C + c];
+    b += partial[(P + p) * C + c];
+  }
+}
+
+// One thread a channel.  stats: (kStatRows, C) out.
+template <typename T>
+__global__ void forward_finalize_kernel(const T* __restrict__ x, int64_t channel_stride,
+                                        const float* __restrict__ partial, int P, int64_t C, double count,
+                                        const float* __restrict__ weight, const float* __restrict__ bias,
+                                        float* running_mean, float* running_std,
+                                        const int64_t* __restrict__ num_batches_tracked, float* stats,
+                                        bool training, float momentum, float eps, Schedule r_max,
+                                        Schedule d_max) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  double sum_u = 0.0, sum_u2 = 0.0;
+  if (training) merge_partials(partial, P, C, c, sum_u, sum_u2);
+  const ForwardChannelIn in{sum_u, sum_u2, count, training ? to_float(x[c * channel_stride]) : 0.0f,
+                            running_mean[c], running_std[c], weight ? weight[c] : 1.0f,
+                            bias ? bias[c] : 0.0f};
+  float new_mean, new_std;
+  finalize_forward_channel(in, training, eps, momentum, static_cast<float>(*num_batches_tracked),
+                           r_max, d_max, stats + c, C, &new_mean, &new_std);
+  if (training) {
+    running_mean[c] = new_mean;
+    running_std[c] = new_std;
+  }
+}
+
+// After the finalize kernel (stream order), so all its threads saw the same t.
+__global__ void increment_kernel(int64_t* counter) { *counter += 1; }
+
+__global__ void backward_finalize_kernel(const float* __restrict__ partial, int P, int64_t C, double count,
+                                         const float* __restrict__ weight, const float* __restrict__ stats,
+                                         float* __restrict__ grads, bool training) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  double sum_dy, sum_dyz;
+  merge_partials(partial, P, C, c, sum_dy, sum_dyz);
+  finalize_backward_channel(sum_dy, sum_dyz, count, stats + c, weight ? weight[c] : 1.0f, training,
+                            grads + c, C);
+}
+
+// Per-channel coefficient rows of the affine pass.
+struct AffineCoefs {
+  const float* pivot;
+  const float* offset;
+  const float* coef_x;
+  const float* coef_dy;  // null without dy
+  const float* coef_0;
+};
+
+template <typename T, bool HAS_DY>
+__device__ __forceinline__ T affine_value(const T* x, const T* dy, int64_t i, float pivot, float offset,
+                                          float cx, float cdy, float c0) {
+  float v = ((to_float(x[i]) - pivot) - offset) * cx + c0;  // centre first: keeps precision
+  if (HAS_DY) v += to_float(dy[i]) * cdy;
+  return from_float<T>(v);
+}
+
+// grid (blocks along L, planes (grid-strided)), block kThreads.
+template <typename T, bool HAS_DY>
+__global__ void affine_contiguous_kernel(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ out,
+                                         AffineCoefs k, int64_t planes, int64_t C, int64_t L) {
+  for (int64_t plane = blockIdx.y; plane < planes; plane += gridDim.y) {
+    const int64_t c = plane % C, base = plane * L;
+    const float pivot = k.pivot[c], offset = k.offset[c], cx = k.coef_x[c], c0 = k.coef_0[c];
+    const float cdy = HAS_DY ? k.coef_dy[c] : 0.0f;
+    for (int64_t l = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; l < L;
+         l += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      out[base + l] = affine_value<T, HAS_DY>(x, dy, base + l, pivot, offset, cx, cdy, c0);
+    }
+  }
+}
+
+// grid (ceil(C/32), row groups (grid-strided)), block (32, 8).
+template <typename T, bool HAS_DY>
+__global__ void affine_channels_last_kernel(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ out,
+                                            AffineCoefs k, int64_t R, int64_t C) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kClChannels + threadIdx.x;
+  if (c >= C) return;
+  const float pivot = k.pivot[c], offset = k.offset[c], cx = k.coef_x[c], c0 = k.coef_0[c];
+  const float cdy = HAS_DY ? k.coef_dy[c] : 0.0f;
+  for (int64_t r = static_cast<int64_t>(blockIdx.y) * kClRows + threadIdx.y; r < R;
+       r += static_cast<int64_t>(gridDim.y) * kClRows) {
+    out[r * C + c] = affine_value<T, HAS_DY>(x, dy, r * C + c, pivot, offset, cx, cdy, c0);
+  }
+}
+
+template <typename F>
+void dispatch_float(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: f(static_cast<float*>(nullptr)); break;
+    case DType::kFloat16: f(static_cast<__half*>(nullptr)); break;
+    case DType::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
+    default: break;  // rejected by the binding's checks
+  }
+}
+
+template <typename T, bool BWD>
+void launch_sums(const T* x, const T* dy, const float* stats, float* partial, int P, const Layout& lay,
+                 cudaStream_t stream) {
+  if (lay.channels_last) {
+    const dim3 grid(P, ceil_div(lay.C, kClChannels)), block(kClChannels, kClRows);
+    sums_channels_last_kernel<T, BWD><<<grid, block, 0, stream>>>(x, dy, stats, partial, lay.N * lay.L, lay.C);
+  } else {
+    const dim3 grid(P, static_cast<unsigned>(lay.C));
+    sums_contiguous_kernel<T, BWD><<<grid, kThreads, 0, stream>>>(x, dy, stats, partial, lay.N, lay.C, lay.L,
+                                                                  ceil_div(lay.L, kTile));
+  }
+}
+
+template <typename T, bool HAS_DY>
+void launch_affine(const T* x, const T* dy, T* out, const AffineCoefs& k, const Layout& lay, cudaStream_t stream) {
+  if (lay.channels_last) {
+    const int64_t R = lay.N * lay.L;
+    const dim3 grid(ceil_div(lay.C, kClChannels), std::min<unsigned>(ceil_div(R, kClRows), 65535u));
+    affine_channels_last_kernel<T, HAS_DY><<<grid, dim3(kClChannels, kClRows), 0, stream>>>(x, dy, out, k, R, lay.C);
+  } else {
+    const int64_t planes = lay.N * lay.C;
+    const dim3 grid(std::min<unsigned>(ceil_div(lay.L, kThreads), 1024u),
+                    static_cast<unsigned>(std::min<int64_t>(planes, 65535)));
+    affine_contiguous_kernel<T, HAS_DY><<<grid, kThreads, 0, stream>>>(x, dy, out, k, planes, lay.C, lay.L);
+  }
+}
+
+}  // namespace
+
+int batch_renorm_partials(const Layout& lay, int multiprocessors) {
+  const int64_t channel_blocks = lay.channels_last ? ceil_div(lay.C, kClChannels) : lay.C;
+  const int64_t units = lay.channels_last ? ceil_div(lay.N * lay.L, kClRows) : lay.N * ceil_div(lay.L, kTile);
+  const int64_t wanted = ceil_div(4 * static_cast<int64_t>(multiprocessors), channel_blocks);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({wanted, units, kMaxPartials})));
+}
+
+void batch_renorm_forward(DType dtype, const void* x, void* y, const Layout& lay, const float* weight,
+                          const float* bias, float* running_mean, float* running_std,
+                          int64_t* num_batches_tracked, float* stats, float* partial, int P,
+                          bool training, float momentum, float eps, Schedule r_max, Schedule d_max,
+                          cudaStream_t stream) {
+  dispatch_float(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* xt = static_cast<const T*>(x);
+    if (training) launch_sums<T, false>(xt, nullptr, nullptr, partial, P, lay, stream);
+    const double count = static_cast<double>(lay.N) * static_cast<double>(lay.L);
+    forward_finalize_kernel<T><<<ceil_div(lay.C, kFinalizeThreads), kFinalizeThreads, 0, stream>>>(
+        xt, lay.channels_last ? 1 : lay.L, partial, P, lay.C, count, weight, bias, running_mean,
+        running_std, num_batches_tracked, stats, training, momentum, eps, r_max, d_max);
+    if (training) increment_kernel<<<1, 1, 0, stream>>>(num_batches_tracked);
+    const int64_t C = lay.C;
+    const AffineCoefs k{stats + kPivot * C, stats + kMeanOffset * C, stats + kScale * C, nullptr, stats + kShift * C};
+    launch_affine<T, false>(xt, nullptr, static_cast<T*>(y), k, lay, stream);
+  });
+}
+
+void batch_renorm_backward(DType dtype, const void* x, const void* dy, void* dx, const Layout& lay,
+                           const float* weight, const float* stats, float* grads, float* partial,
+                           int P, bool training, cudaStream_t stream) {
+  dispatch_float(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* xt = static_cast<const T*>(x);
+    const T* dyt = static_cast<const T*>(dy);
+    launch_sums<T, true>(xt, dyt, stats, partial, P, lay, stream);
+    const double count = static_cast<double>(lay.N) * static_cast<double>(lay.L);
+    backward_finalize_kernel<<<ceil_div(lay.C, kFinalizeThreads), kFinalizeThreads, 0, stream>>>(
+        partial, P, lay.C, count, weight, stats, grads, training);
+    const int64_t C = lay.C;
+    const AffineCoefs k{stats + kPivot * C, stats + kMeanOffset * C, grads + kGradB * C, grads + kGradA * C,
+                        grads + kGradC0 * C};
+    launch_affine<T, true>(xt, dyt, static_cast<T*>(dx), k, lay, stream);
+  });
+}
+
+}  // namespace speckle::cuda
