@@ -185,21 +185,34 @@ def batch_maker_bytes(shape, out_dtype) -> int:
 
 # ----------------------------------------------------------------------------- copy bandwidth
 
+def time_calls(fn, device: torch.device, reps: int, warmup: int) -> list[float]:
+    """Seconds per call of fn(), each call timed alone: CUDA events on a GPU, else the clock."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
 def copy_bandwidth(device: torch.device, nbytes: int | None = None, reps: int = 10) -> dict:
     """Median GB/s of dst.copy_(src) (read + write counted) on a tensor far beyond the caches."""
     if nbytes is None:
         nbytes = (1024 if device.type == "cuda" else 256) * 2**20
     src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    times = []
-    for i in range(reps + 2):
-        synchronize(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        synchronize(device)
-        if i >= 2:  # two warm-up copies (page faults, clocks)
-            times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
+    median = statistics.median(time_calls(lambda: dst.copy_(src), device, reps, warmup=2))
     return {"bytes": 2 * nbytes, "median_s": median, "gbps": 2 * nbytes / median / 1e9}
 
 
@@ -226,10 +239,10 @@ class RenormState:
         return self.running_mean, self.running_std, self.num_batches_tracked
 
 
-def _reference_fn(x, s: RenormState):
+def _reference_fn(x, s: RenormState, training: bool = True):
     from speckle_kernels.reference import batch_renorm_reference
 
-    return batch_renorm_reference(x, *s.buffers(), s.weight, s.bias, training=True,
+    return batch_renorm_reference(x, *s.buffers(), s.weight, s.bias, training=training,
                                   momentum=MOMENTUM, eps=EPS)
 
 
@@ -259,26 +272,28 @@ def probe_kernel_backend(backend: str, device: torch.device, dtype: torch.dtype)
         raise Unavailable(f"backend={backend!r} is not available here: {e}") from e
 
 
-def renorm_impl(name: str, device: torch.device, dtype: torch.dtype, *, bn_eps: float = 1e-5):
+def renorm_impl(name: str, device: torch.device, dtype: torch.dtype, *, bn_eps: float = 1e-5,
+                training: bool = True):
     """A function f(x, state) -> y for implementation `name`, or raise Unavailable.
 
     batchnorm2d is nn.BatchNorm2d's function (F.batch_norm with the state's buffers as its
     running mean and variance): a different layer, timed as the floor a renorm layer should reach.
     """
-    if name == "reference":
-        return _reference_fn
-    if name == "reference-compiled":
-        return _compile(_reference_fn)
+    if name in ("reference", "reference-compiled"):
+        def reference(x, s):
+            return _reference_fn(x, s, training)
+        return _compile(reference) if name == "reference-compiled" else reference
     if name == "batchnorm2d":
         def bn(x, s):
-            return F.batch_norm(x, s.running_mean, s.running_std, s.weight, s.bias, True, MOMENTUM, bn_eps)
+            return F.batch_norm(x, s.running_mean, s.running_std, s.weight, s.bias, training,
+                                MOMENTUM, bn_eps)
         return bn
     if name in KERNEL_BACKENDS:
         probe_kernel_backend(name, device, dtype)
         import speckle_kernels as sk
 
         def kernel(x, s):
-            return sk.batch_renorm(x, *s.buffers(), s.weight, s.bias, training=True,
+            return sk.batch_renorm(x, *s.buffers(), s.weight, s.bias, training=training,
                                    momentum=MOMENTUM, eps=EPS, backend=name)
         return kernel
     raise ValueError(f"unknown implementation {name!r}")
@@ -298,30 +313,39 @@ def _close(actual, expected, *, atol, rtol, name):
             f"expected {expected[first].item():.8g})")
 
 
-def check_renorm(name: str, fn, x: torch.Tensor, *, backward: bool, device) -> None:
+def check_renorm(name: str, fn, x: torch.Tensor, *, backward: bool, device, training: bool = True,
+                 states=None):
     """Fail unless fn equals the reference on x: output (dtype, shape, layout), running buffers
     and, with backward, dx, dweight and dbias, to the tolerances of tests/test_batch_renorm.py.
+    fn must have been made with the same `training`. Returns the (fn's, reference's) states;
+    pass them back as `states` to check a further step from where this one left the buffers.
 
     batchnorm2d is compared with the reference at t = 0 (r_max = 1, d_max = 0: plain batch
     norm), eps 0 in the reference and 1e-12 in F.batch_norm (which refuses 0 in training): there
     the two layers compute the same function.
     """
     if name == "reference":
-        return
+        return states
     plain_bn = name == "batchnorm2d"
+    if plain_bn and not training:
+        raise ValueError("batchnorm2d keeps a running variance: only its training mode compares")
     c = x.shape[1]
-    state = RenormState(c, device, t=0 if plain_bn else CHECK_T, grad=backward)
+    if states is None:
+        state = RenormState(c, device, t=0 if plain_bn else CHECK_T, grad=backward)
+        if plain_bn:
+            state.running_std.fill_(1.0)  # as a variance and as a std: 1 either way
+        states = state.clone(), state.clone()
     if plain_bn:
-        state.running_std.fill_(1.0)  # as a variance and as a std: 1 either way
         fn = renorm_impl(name, device, x.dtype, bn_eps=1e-12)
-    s_k, s_r = state.clone(), state.clone()
+    s_k, s_r = states
+    state = s_r.clone()  # the values this step starts from, for the tolerances below
     xk = x.detach().clone().requires_grad_(backward)
     xr = x.detach().clone().requires_grad_(backward)
     from speckle_kernels.reference import batch_renorm_reference
 
     with torch.set_grad_enabled(backward):  # the grad mode the benchmark times (one compile)
         yk = fn(xk, s_k)
-        yr = batch_renorm_reference(xr, *s_r.buffers(), s_r.weight, s_r.bias, training=True,
+        yr = batch_renorm_reference(xr, *s_r.buffers(), s_r.weight, s_r.bias, training=training,
                                     momentum=MOMENTUM, eps=0.0 if plain_bn else EPS)
     tol = ULP[x.dtype]
     if yk.dtype != x.dtype:
@@ -337,7 +361,7 @@ def check_renorm(name: str, fn, x: torch.Tensor, *, backward: bool, device) -> N
         if int(s_k.num_batches_tracked) != int(s_r.num_batches_tracked):
             raise AssertionError(f"{name}: num_batches_tracked not advanced like the reference")
     if not backward:
-        return
+        return states
     g = torch.Generator(device=device).manual_seed(7)
     dy = torch.randn(x.shape, generator=g, device=device).to(x.dtype)
     gk = torch.autograd.grad(yk, (xk, s_k.weight, s_k.bias), dy)
@@ -346,7 +370,7 @@ def check_renorm(name: str, fn, x: torch.Tensor, *, backward: bool, device) -> N
     dims = [0] + list(range(2, x.dim()))
     sigma = x.double().std(dims, unbiased=False) + EPS
     a_max = state.weight.detach().abs().max().item() * max(
-        3.0 / sigma.min().item(), 1.0 / state.running_std.min().item())
+        3.0 / sigma.min().item() if training else 0.0, 1.0 / state.running_std.min().item())
     _close(gk[0], gr[0], atol=tol * dy.abs().max().item() * a_max, rtol=tol, name=f"{name} dx")
     view = [1, c] + [1] * (x.dim() - 2)
     xhat = (yr.detach().double() - state.bias.detach().double().view(view)) / state.weight.detach().double().view(view)
@@ -362,6 +386,7 @@ def check_renorm(name: str, fn, x: torch.Tensor, *, backward: bool, device) -> N
         if not (diff <= rel * bound + 1e-7).all():
             raise AssertionError(f"{name} {what}: max diff {diff.max().item():.3g} over a bound "
                                  f"of {rel:.3g} x sum|terms| (min {bound.min().item():.3g})")
+    return states
 
 
 def forward_backward(fn, x, state, dy):

@@ -61,6 +61,10 @@ def _time(seconds: float) -> str:
     return f"{seconds * 1e6:.1f} µs"
 
 
+def _ratio(v: float) -> str:
+    return f"{v:.0f}×" if v >= 10 else f"{v:.2g}×"
+
+
 def _session(data: dict, rows: list[dict]) -> dict:
     info = rows[0]["info"] if rows else {}
     machine = data.get("machine_info") or {}
@@ -107,19 +111,24 @@ def chart(data: dict, rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     groups = [g for g in list(OrderedDict.fromkeys(r["group"] for r in rows))
-              if any(r["speedup"] for r in rows if r["group"] == g)]
+              if any(r["speedup"] and r["impl"] != REFERENCE.get(g) for r in rows if r["group"] == g)]
     if not groups:
         return
     heights = [1.2 + 0.42 * len({r["case"] for r in rows if r["group"] == g}) for g in groups]
     fig, axes = plt.subplots(len(groups), 1, figsize=(11, sum(heights) + 1.2),
                              gridspec_kw={"height_ratios": heights}, squeeze=False)
     s = _session(data, rows)
-    fig.suptitle(f"Speed-up over the reference (log scale; right of the line = faster)\n"
+    fig.suptitle(f"Speed-up over each group's reference (the line at 1×; log scale, right = faster)\n"
                  f"{s['device']}, {s['date']}, size {s['size']}", fontsize=11)
     for ax, group in zip(axes[:, 0], groups):
-        members = [r for r in rows if r["group"] == group and r["speedup"]]
+        # the reference is the line at 1, not a bar
+        members = [r for r in rows if r["group"] == group and r["speedup"]
+                   and r["impl"] != REFERENCE.get(group)]
+        if not members:
+            continue
         cases = list(OrderedDict.fromkeys(r["case"] for r in members))
         impls = sorted({r["impl"] for r in members},
                        key=lambda n: IMPL_ORDER.index(n) if n in IMPL_ORDER else len(IMPL_ORDER))
@@ -132,23 +141,26 @@ def chart(data: dict, rows: list[dict], path: Path) -> None:
                     ys.append(i - 0.4 + bar * (j + 0.5))
                     xs.append(r["speedup"])
                     wrong = r["check"].startswith("FAILED")
-                    labels.append(f"{r['speedup']:.2g}×" + (" wrong dx" if wrong else ""))
-            bars = ax.barh(ys, xs, height=bar * 0.9, label=impl, color=COLORS.get(impl), left=0)
+                    labels.append(_ratio(r["speedup"]) + (" (wrong grads)" if wrong else ""))
+            # bars grow from the line at 1: right when faster, left when slower
+            ax.barh(ys, [x - 1 for x in xs], left=1, height=bar * 0.9, label=impl, color=COLORS.get(impl))
             for y, x, text in zip(ys, xs, labels):
-                ax.text(x * 1.03, y, text, va="center", fontsize=7)
-            del bars
+                ax.text(x * 1.04 if x >= 1 else x / 1.04, y, text, va="center", fontsize=7,
+                        ha="left" if x >= 1 else "right")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _ratio(v)))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_yticks(range(len(cases)))
         ax.set_yticklabels([c + ("" if any(m["full_size"] is not False for m in members if m["case"] == c)
                                  else " (small)") for c in cases], fontsize=8)
         ax.invert_yaxis()
-        ax.set_title(group, fontsize=10, loc="left")
+        ax.set_title(f"{group} (reference: {REFERENCE.get(group)})", fontsize=10, loc="left")
         xs_all = [r["speedup"] for r in members]
-        ax.set_xlim(min(xs_all + [1]) / 1.6, max(xs_all + [1]) * 2.2)
+        ax.set_xlim(min(xs_all + [1]) / 3, max(xs_all + [1]) * 3)
         ax.legend(fontsize=7, loc="lower right", framealpha=0.85)
         ax.grid(axis="x", which="both", alpha=0.25)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
