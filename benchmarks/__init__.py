@@ -72,7 +72,7 @@ def rounds_for(size: str, device: torch.device) -> tuple[int, int]:
     """(rounds, warm-up rounds) for pedantic timing; one iteration a round."""
     if device.type == "cuda":
         return (50, 10) if size == "full" else (20, 5)
-    return (5, 1) if size == "full" else (3, 1)
+    return (7, 2) if size == "full" else (3, 1)
 
 
 def device_name(device: torch.device) -> str:
