@@ -65,7 +65,8 @@ void speckle_typed(const In* src, Out* out, Out* clean, int64_t numel, int64_t p
   constexpr bool from_u8 = std::is_same_v<In, uint8_t>;
   const int64_t tasks = (numel + kTaskElements - 1) / kTaskElements;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float n1[kLanes], n2[kLanes];
+    // per-lane values of one block; lanes past the block's end are computed but never stored
+    alignas(64) float n1[kLanes] = {}, n2[kLanes] = {}, v[kLanes] = {}, fs[kLanes] = {}, y[kLanes];
     for (int64_t t = begin; t < end; ++t) {
       const int64_t j_end = std::min(numel, (t + 1) * kTaskElements);
       int64_t image = (t * kTaskElements) / per_image, next_image = (image + 1) * per_image;
@@ -73,19 +74,32 @@ void speckle_typed(const In* src, Out* out, Out* clean, int64_t numel, int64_t p
         const int64_t n = std::min(kLanes, j_end - j0);
         noise_block(prm.seed, prm.offset + static_cast<uint64_t>(j0), n, prm.rayleigh, n1, n2);
         for (int64_t l = 0; l < n; ++l) {
-          const int64_t j = j0 + l;
-          if (j >= next_image) {
-            ++image;
-            next_image += per_image;
+          v[l] = from_u8 ? static_cast<float>(src[j0 + l]) / 255.0f : static_cast<float>(src[j0 + l]);
+        }
+        if (j0 + n <= next_image) {  // the usual case: the block lies in one image
+          std::fill(fs, fs + kLanes, factor_sigma[image]);
+        } else {
+          for (int64_t l = 0; l < n; ++l) {
+            if (j0 + l >= next_image) {
+              ++image;
+              next_image += per_image;
+            }
+            fs[l] = factor_sigma[image];
           }
-          const float v = from_u8 ? static_cast<float>(src[j]) / 255.0f : static_cast<float>(src[j]);
-          const float y = speckle_apply(v, factor_sigma[image], n1[l], n2[l], prm.sigma_add, prm.clip);
-          if constexpr (from_u8) {
-            out[j] = static_cast<Out>(2.0f * y - 1.0f);
-            clean[j] = static_cast<Out>(2.0f * v - 1.0f);
-          } else {
-            out[j] = static_cast<Out>(y);
+        }
+        for (int64_t l = 0; l < n; l += fVec::size()) {  // y = v*(1 + fs*n1) + sigma_add*n2
+          fVec yv = fVec::loadu(v + l) * (fVec(1.0f) + fVec::loadu(fs + l) * fVec::loadu(n1 + l)) +
+                    fVec(prm.sigma_add) * fVec::loadu(n2 + l);
+          if (prm.clip) yv = at::vec::clamp(yv, fVec(0.0f), fVec(1.0f));
+          yv.store(y + l);
+        }
+        if constexpr (from_u8) {
+          for (int64_t l = 0; l < n; ++l) {
+            out[j0 + l] = static_cast<Out>(2.0f * y[l] - 1.0f);
+            clean[j0 + l] = static_cast<Out>(2.0f * v[l] - 1.0f);
           }
+        } else {
+          for (int64_t l = 0; l < n; ++l) out[j0 + l] = static_cast<Out>(y[l]);
         }
       }
     }
