@@ -81,6 +81,34 @@ int64_t grain_for(int64_t elements_per_task) {
   return std::max<int64_t>(1, kMinParallelElements / std::max<int64_t>(elements_per_task, 1));
 }
 
+// How an element pass splits into tasks. Contiguous: chunks of at most kTaskElements values of
+// one (n, c) plane; channels-last: blocks of `rows` rows of C values.
+struct Tasks {
+  int64_t count, per_task;  // tasks, and values (contiguous) or rows (channels-last) in each
+  int64_t nchunks;          // contiguous only: chunks a plane
+  int64_t elements;         // values a task covers, for the parallel grain
+
+  explicit Tasks(const ChannelLayout& lay) {
+    if (lay.channels_last) {
+      per_task = std::clamp<int64_t>(kTaskElements / lay.C, 1, 1024);
+      nchunks = 0;
+      count = (lay.N * lay.L + per_task - 1) / per_task;
+      elements = per_task * lay.C;
+    } else {
+      per_task = std::min(lay.L, kTaskElements);
+      nchunks = (lay.L + per_task - 1) / per_task;
+      count = lay.N * lay.C * nchunks;
+      elements = per_task;
+    }
+  }
+  // contiguous: task t -> (plane n*C + c, first value in the plane, values)
+  void chunk(int64_t t, int64_t L, int64_t& plane, int64_t& start, int64_t& len) const {
+    plane = t / nchunks;
+    start = (t % nchunks) * per_task;
+    len = std::min(per_task, L - start);
+  }
+};
+
 // Per-channel inputs of the element passes (fp32, length C).
 struct ChannelCoefs {
   const float* pivot;
@@ -96,14 +124,15 @@ void channel_sums(const ChannelLayout& lay, const T* x, const T* dy, const Chann
                   double* sum_a, double* sum_b) {
   const int64_t C = lay.C;
   const bool bwd = dy != nullptr;
+  const Tasks tasks(lay);
   if (!lay.channels_last) {
-    const int64_t L = lay.L, chunk = std::min(L, kTaskElements), nchunks = (L + chunk - 1) / chunk;
-    const int64_t tasks = lay.N * C * nchunks;
-    std::vector<float> partial(2 * tasks);
-    at::parallel_for(0, tasks, grain_for(chunk), [&](int64_t begin, int64_t end) {
+    const int64_t L = lay.L, nchunks = tasks.nchunks;
+    std::vector<float> partial(2 * tasks.count);
+    at::parallel_for(0, tasks.count, grain_for(tasks.elements), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t plane = t / nchunks, c = plane % C, start = (t % nchunks) * chunk;
-        const int64_t len = std::min(chunk, L - start);
+        int64_t plane, start, len;
+        tasks.chunk(t, L, plane, start, len);
+        const int64_t c = plane % C;
         const T* xp = x + plane * L + start;
         const T* dp = bwd ? dy + plane * L + start : nullptr;
         const fVec p(k.pivot[c]), o(bwd ? k.offset[c] : 0.0f), s(bwd ? k.coef_x[c] : 1.0f);
@@ -149,11 +178,9 @@ void channel_sums(const ChannelLayout& lay, const T* x, const T* dy, const Chann
     return;
   }
   // channels-last: rows of C values; each task owns a block of rows and 2*C partials.
-  const int64_t R = lay.N * lay.L;
-  const int64_t rows = std::clamp<int64_t>(kTaskElements / C, 1, 1024);
-  const int64_t tasks = (R + rows - 1) / rows;
-  std::vector<float> partial(2 * C * tasks, 0.0f);
-  at::parallel_for(0, tasks, grain_for(rows * C), [&](int64_t begin, int64_t end) {
+  const int64_t R = lay.N * lay.L, rows = tasks.per_task;
+  std::vector<float> partial(2 * C * tasks.count, 0.0f);
+  at::parallel_for(0, tasks.count, grain_for(tasks.elements), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       float* acc_a = partial.data() + 2 * C * t;
       float* acc_b = acc_a + C;
@@ -193,7 +220,7 @@ void channel_sums(const ChannelLayout& lay, const T* x, const T* dy, const Chann
   at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       double sa = 0.0, sb = 0.0;
-      for (int64_t t = 0; t < tasks; ++t) {
+      for (int64_t t = 0; t < tasks.count; ++t) {
         sa += partial[2 * C * t + c];
         sb += partial[2 * C * t + C + c];
       }
@@ -208,13 +235,13 @@ template <typename T>
 void channel_affine(const ChannelLayout& lay, const T* x, const T* dy, T* out, const ChannelCoefs& k) {
   const int64_t C = lay.C;
   const bool has_dy = dy != nullptr;
+  const Tasks tasks(lay);
   if (!lay.channels_last) {
-    const int64_t L = lay.L, chunk = std::min(L, kTaskElements), nchunks = (L + chunk - 1) / chunk;
-    const int64_t tasks = lay.N * C * nchunks;
-    at::parallel_for(0, tasks, grain_for(chunk), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, tasks.count, grain_for(tasks.elements), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t plane = t / nchunks, c = plane % C, start = (t % nchunks) * chunk;
-        const int64_t len = std::min(chunk, L - start), base = plane * L + start;
+        int64_t plane, start, len;
+        tasks.chunk(t, lay.L, plane, start, len);
+        const int64_t c = plane % C, base = plane * lay.L + start;
         const fVec p(k.pivot[c]), o(k.offset[c]), cx(k.coef_x[c]), c0(k.coef_0[c]);
         const fVec cdy(has_dy ? k.coef_dy[c] : 0.0f);
         for (int64_t i = 0; i < len; i += kW) {
@@ -234,10 +261,8 @@ void channel_affine(const ChannelLayout& lay, const T* x, const T* dy, T* out, c
     });
     return;
   }
-  const int64_t R = lay.N * lay.L;
-  const int64_t rows = std::clamp<int64_t>(kTaskElements / C, 1, 1024);
-  const int64_t tasks = (R + rows - 1) / rows;
-  at::parallel_for(0, tasks, grain_for(rows * C), [&](int64_t begin, int64_t end) {
+  const int64_t R = lay.N * lay.L, rows = tasks.per_task;
+  at::parallel_for(0, tasks.count, grain_for(tasks.elements), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t r_end = std::min(R, (t + 1) * rows);
       for (int64_t r = t * rows; r < r_end; ++r) {
