@@ -275,13 +275,19 @@ class DeviceBatches:
     shuffle=False), and makes each batch with make_noisy_batch using the noise counter offset
     (epoch * len(self) + b) * batch_size * pixels_per_image: every (epoch, batch) pair draws
     numbers no other pair uses.
+
+    Data-parallel training: with rank/world_size, each step's global batch holds
+    world_size * batch_size images of the epoch's permutation and rank r takes the r-th
+    batch_size of them, with the noise offsets of their places in that global batch; the ranks
+    together see exactly what one process with batch world_size * batch_size would.
     """
 
     def __init__(self, images_u8: torch.Tensor, batch_size: int, *, factor: float = 1.0,
                  sigma_mult=DEFAULT_SIGMA_MULT, sigma_add: float = DEFAULT_SIGMA_ADD,
                  distribution: str = "gaussian", seed: int = 0, device=None,
                  out_dtype: torch.dtype = torch.float32, shuffle: bool = True,
-                 drop_last: bool = False, clip: bool = True, backend: str = "auto"):
+                 drop_last: bool = False, clip: bool = True, backend: str = "auto",
+                 rank: int = 0, world_size: int = 1):
         if not isinstance(images_u8, torch.Tensor) or images_u8.dtype != torch.uint8:
             raise TypeError("images_u8 must be a uint8 tensor, got "
                             f"{getattr(images_u8, 'dtype', type(images_u8).__name__)}")
@@ -291,6 +297,10 @@ class DeviceBatches:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int)
+                and 0 <= rank < world_size):
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
+        self.rank, self.world_size = rank, world_size
         self.device = torch.device(device) if device is not None else images_u8.device
         self.images = images_u8.to(self.device).contiguous()
         self.batch_size, self.seed = batch_size, seed
@@ -302,7 +312,7 @@ class DeviceBatches:
         make_noisy_batch(self.images[:0], seed=seed, **self.noise)
 
     def __len__(self) -> int:
-        n, b = len(self.images), self.batch_size
+        n, b = len(self.images), self.batch_size * self.world_size
         return n // b if self.drop_last else -(-n // b)
 
     def order(self, epoch: int) -> torch.Tensor:
@@ -316,8 +326,10 @@ class DeviceBatches:
             raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
         order = self.order(epoch).to(self.device)
         per_image = self.images[0].numel() if len(self.images) else 0
+        global_batch = self.batch_size * self.world_size
         for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            offset = (epoch * len(self) + b) * self.batch_size * per_image
+            start = b * global_batch + self.rank * self.batch_size
+            idx = order[start:start + self.batch_size]
+            offset = (epoch * len(self) * global_batch + start) * per_image
             yield make_noisy_batch(self.images.index_select(0, idx), seed=self.seed,
                                    offset=offset, **self.noise)

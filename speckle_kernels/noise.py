@@ -54,6 +54,11 @@ import torch
 
 from ._backend import HAS_TRITON, check_backend_name, resolve_backend
 
+try:  # the C++/CUDA extension is optional; the package falls back without it
+    from . import _ext
+except Exception:  # pragma: no cover - depends on the build
+    _ext = None
+
 DEFAULT_SIGMA_MULT = 0.1
 DEFAULT_SIGMA_ADD = 0.02
 DISTRIBUTIONS = ("gaussian", "rayleigh")
@@ -237,6 +242,13 @@ def _launch(x, y, clean, *, factor, sigmas, sigma_add, distribution, clip, seed,
 
 # ----------------------------------------------------------------------------- public API
 
+def _resolve(backend: str, device: torch.device) -> str:
+    """The dispatcher's rule (see _backend.py) with the C++/CUDA extension when it is built."""
+    check_backend_name(backend)
+    return resolve_backend(backend, device, has_cpu_ext=_ext is not None and _ext.HAS_CPU_EXT,
+                           has_cuda_ext=_ext is not None and _ext.HAS_CUDA_EXT)
+
+
 def add_speckle_noise(x: torch.Tensor, *, factor: float = 1.0, sigma_mult=DEFAULT_SIGMA_MULT,
                       sigma_add: float = DEFAULT_SIGMA_ADD, distribution: str = "gaussian",
                       clip: bool = True, seed: int = 0, offset: int = 0,
@@ -254,17 +266,20 @@ def add_speckle_noise(x: torch.Tensor, *, factor: float = 1.0, sigma_mult=DEFAUL
         raise TypeError(f"x must be a floating-point tensor of intensities, got dtype {x.dtype}")
     factor, sigmas, sigma_add, distribution, seed, offset = _check_noise_args(
         factor, sigma_mult, sigma_add, distribution, seed, offset)
-    check_backend_name(backend)
-    chosen = resolve_backend(backend, x.device, has_cpu_ext=False, has_cuda_ext=False)
-    if chosen == "triton" and x.dtype not in _KERNEL_DTYPES:
-        if backend == "triton":
-            raise TypeError(f"backend='triton' supports {_KERNEL_DTYPES}, got x dtype {x.dtype}")
+    chosen = _resolve(backend, x.device)
+    if chosen in ("triton", "cpu", "cuda") and x.dtype not in _KERNEL_DTYPES:
+        if backend != "auto":
+            raise TypeError(f"backend={backend!r} supports {_KERNEL_DTYPES}, got x dtype {x.dtype}")
         chosen = "reference"
     if chosen == "reference":
         from .reference import speckle_noise_reference
         return speckle_noise_reference(
             x, factor=factor, sigma_mult=sigmas, sigma_add=sigma_add, distribution=distribution,
             clip=clip, generator=_reference_generator(x.device, seed, offset))
+    if chosen in ("cpu", "cuda"):
+        return _ext.add_speckle_noise(x.contiguous(), factor=factor, sigma_mult=sigmas,
+                                      sigma_add=sigma_add, distribution=distribution, clip=clip,
+                                      seed=seed, offset=offset)
     xc = x.contiguous()
     y = torch.empty_like(xc)
     _launch(xc, y, None, factor=factor, sigmas=sigmas, sigma_add=sigma_add,
@@ -293,8 +308,11 @@ def make_noisy_batch(clean_u8: torch.Tensor, *, factor: float = 1.0,
         raise TypeError(f"out_dtype must be one of {_BATCH_OUT_DTYPES}, got {out_dtype!r}")
     factor, sigmas, sigma_add, distribution, seed, offset = _check_noise_args(
         factor, sigma_mult, sigma_add, distribution, seed, offset)
-    check_backend_name(backend)
-    chosen = resolve_backend(backend, clean_u8.device, has_cpu_ext=False, has_cuda_ext=False)
+    chosen = _resolve(backend, clean_u8.device)
+    if chosen in ("cpu", "cuda"):
+        return _ext.make_noisy_batch(clean_u8.contiguous(), factor=factor, sigma_mult=sigmas,
+                                     sigma_add=sigma_add, distribution=distribution, seed=seed,
+                                     offset=offset, out_dtype=out_dtype, clip=clip)
     if chosen == "reference":
         from .reference import noisy_batch_reference
         return noisy_batch_reference(

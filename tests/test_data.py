@@ -296,3 +296,19 @@ def test_device_batches_no_shuffle_and_arguments():
         D.DeviceBatches(images, 2, sigma_add=-1.0)
     with pytest.raises(ValueError, match="epoch"):
         next(db.batches(-1))
+
+
+def test_device_batches_shards_add_up_to_one_process():
+    from speckle_kernels.data import DeviceBatches
+
+    images = torch.randint(0, 256, (23, 1, 8, 8), dtype=torch.uint8)
+    kw = dict(factor=5.0, seed=3, drop_last=True, )
+    whole = DeviceBatches(images, 6, **kw)
+    shards = [DeviceBatches(images, 3, rank=r, world_size=2, **kw) for r in range(2)]
+    assert len(whole) == len(shards[0]) == len(shards[1]) == 3
+    for epoch in (0, 1):
+        for (noisy, clean), *parts in zip(whole.batches(epoch), *(s.batches(epoch) for s in shards)):
+            assert torch.equal(torch.cat([p[0] for p in parts]), noisy)
+            assert torch.equal(torch.cat([p[1] for p in parts]), clean)
+    with pytest.raises(ValueError, match="rank=2, world_size=2"):
+        DeviceBatches(images, 3, rank=2, world_size=2)
