@@ -110,3 +110,32 @@ def make_noisy_batch(clean_u8: torch.Tensor, *, factor: float = 1.0, sigma_mult=
     return torch.ops.speckle_kernels.make_noisy_batch(
         clean_u8, *_noise_args(factor, sigma_mult, sigma_add, distribution, seed, offset, clip),
         out_dtype)
+
+
+# Fake (meta) kernels: shapes, dtypes and layouts of the ops' outputs, so that torch.compile
+# (fullgraph) traces through the C++/CUDA ops instead of breaking the graph on them.
+if HAS_CPU_EXT:
+    def _layout_like(x: torch.Tensor) -> torch.Tensor:
+        # the kernels read contiguous or channels_last input in place and copy anything else
+        order = (0, *range(2, x.dim()), 1)
+        return x if x.is_contiguous() or x.permute(order).is_contiguous() else x.contiguous()
+
+    @torch.library.register_fake("speckle_kernels::batch_renorm_forward")
+    def _(x, weight, bias, running_mean, running_std, num_batches_tracked, training, momentum,
+          eps, r_max, d_max):
+        return torch.empty_like(_layout_like(x)), x.new_empty((8, x.shape[1]), dtype=torch.float32)
+
+    @torch.library.register_fake("speckle_kernels::batch_renorm_backward")
+    def _(dy, x, weight, stats, training):
+        c = x.shape[1]
+        return (torch.empty_like(_layout_like(x)), x.new_empty((c,), dtype=torch.float32),
+                x.new_empty((c,), dtype=torch.float32))
+
+    @torch.library.register_fake("speckle_kernels::add_speckle_noise")
+    def _(x, seed, offset, factor, sigma_low, sigma_high, sigma_add, rayleigh, clip):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("speckle_kernels::make_noisy_batch")
+    def _(clean_u8, seed, offset, factor, sigma_low, sigma_high, sigma_add, rayleigh, clip, out_dtype):
+        shape = clean_u8.shape
+        return (clean_u8.new_empty(shape, dtype=out_dtype), clean_u8.new_empty(shape, dtype=out_dtype))

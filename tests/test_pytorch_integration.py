@@ -35,8 +35,15 @@ def _small_br_unet(backend: str) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+def _needs_backend(backend):
+    from speckle_kernels import _ext
+    if backend == "cpu" and not _ext.HAS_CPU_EXT:
+        pytest.skip("the C++ CPU extension is not built")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference", "cpu"])
 def test_compile_fullgraph_no_graph_break_and_same_results(backend):
+    _needs_backend(backend)
     eager = _small_br_unet(backend)
     compiled_model = copy.deepcopy(eager)
     graphs = []
@@ -76,8 +83,26 @@ def test_opcheck_every_op():
         torch.library.opcheck(batch_renorm_triton_backward, (torch.randn_like(x), x, w, stats, training))
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_opcheck_cpu_extension_ops():
+    _needs_backend("cpu")
+    ops = torch.ops.speckle_kernels
+    c = 3
+    x = torch.randn(4, c, 5, 5) * 2 + 1
+    w, b = torch.randn(c), torch.randn(c)
+    for training in (True, False):
+        bufs = (torch.randn(c), torch.rand(c) + 0.5, torch.tensor(500))
+        args = (x, w, b, *bufs, training, 0.01, 1e-3, SCHEDULE[:4], SCHEDULE[4:])
+        torch.library.opcheck(ops.batch_renorm_forward, args, test_utils=("test_schema", "test_faketensor"))
+        _, stats = ops.batch_renorm_forward(*args)
+        torch.library.opcheck(ops.batch_renorm_backward, (torch.randn_like(x), x, w, stats, training))
+    u8 = torch.randint(0, 256, (2, 1, 6, 6), dtype=torch.uint8)
+    torch.library.opcheck(ops.make_noisy_batch, (u8, 1, 0, 5.0, 0.1, 0.1, 0.02, False, True, torch.float32))
+    torch.library.opcheck(ops.add_speckle_noise, (torch.rand(2, 3, 4), 1, 0, 5.0, 0.1, 0.7, 0.02, True, True))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference", "cpu"])
 def test_autocast_bf16_keeps_fp32_statistics(backend):
+    _needs_backend(backend)
     layer = sk.FusedBatchRenorm2d(4, backend=backend)
     conv = nn.Conv2d(3, 4, 3, padding=1)
     x = torch.randn(2, 3, 8, 8) * 3 + 100  # a large mean: bf16 statistics would lose it
