@@ -121,3 +121,16 @@ def test_one_batch_overfit(name, norm, lr):
         opt.step()
         losses.append(loss.item())
     assert min(losses[-5:]) < 0.3 * losses[0], losses[::10]
+
+
+def test_di_conv_ae_dilations():
+    from models.di_conv_ae import DiConvAE
+
+    def dilations(model):
+        return [m.dilation[0] for m in model.modules() if type(m) is nn.Conv2d]
+
+    # Hybrid (default): neighbour-mixing convolutions at full resolution, dilation 2 elsewhere.
+    assert dilations(DiConvAE(channels=4)) == [1, 2, 2, 2, 2, 2, 1, 1, 1]
+    # Table 1 literally: dilation 2 everywhere but the 3x3 head.
+    assert dilations(DiConvAE(channels=4, hybrid_dilation=False)) == [2] * 8 + [1]
+    assert all(m.padding[0] == m.dilation[0] for m in DiConvAE(channels=4).modules() if type(m) is nn.Conv2d)
