@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from speckle_kernels.metrics import from_normalized, psnr, ssim
 
+from . import distributed
 from . import MODEL_NAMES, NORMS, PAPER_BATCH_SIZE, PAPER_EPOCHS, PAPER_HPARAMS, build_model, check_model_name
 
 CHECKPOINT_FORMAT = "speckle-train-checkpoint"
@@ -343,7 +344,7 @@ def train(config: TrainConfig, *, data=None, resume: bool = False, overwrite: bo
         raise ValueError(f"{out} already holds a checkpoint; pass --resume to continue it "
                          "or --overwrite to start again")
 
-    device = resolve_device(config.device)
+    dctx, device = distributed.setup(resolve_device(config.device))
     cuda = device.type == "cuda"
     amp = cuda if config.amp is None else config.amp
     channels_last = cuda if config.channels_last is None else config.channels_last
@@ -362,6 +363,7 @@ def train(config: TrainConfig, *, data=None, resume: bool = False, overwrite: bo
                         width=config.width, dropout=config.dropout).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    model = distributed.sync_norms(model, dctx, device)
     opt = torch.optim.Adamax(model.parameters(), lr=config.lr, capturable=config.cuda_graph)
     history: list[dict] = []
     start_epoch = 0
@@ -374,14 +376,17 @@ def train(config: TrainConfig, *, data=None, resume: bool = False, overwrite: bo
         _set_rng_state(ckpt["rng"], device)
         start_epoch = int(ckpt["epoch"])
         history = list(ckpt["history"])
-    run_model = torch.compile(model) if config.compile else model
+    run_model = distributed.data_parallel(model, dctx, device)
+    run_model = torch.compile(run_model) if config.compile else run_model
 
     from speckle_kernels.data import DeviceBatches
 
     train_batches = DeviceBatches(
         data.train, config.batch_size, factor=config.noise_factor, sigma_mult=config.sigma_mult,
         sigma_add=config.sigma_add, distribution=config.distribution, seed=config.seed,
-        device=device, out_dtype=torch.float32, shuffle=True, drop_last=config.cuda_graph)
+        device=device, out_dtype=torch.float32, shuffle=True,
+        drop_last=config.cuda_graph or dctx.enabled,  # every rank must take the same steps
+        rank=dctx.rank, world_size=dctx.world_size)
     val_noisy, val_clean = noisy_eval_set(data.val, config, VAL_NOISE_SEED, device)
     eval_kw = dict(batch_size=max(config.batch_size, 64), amp=amp, channels_last=channels_last)
 
@@ -404,7 +409,7 @@ def train(config: TrainConfig, *, data=None, resume: bool = False, overwrite: bo
         seen = 0
         t0 = time.perf_counter()
         bar = _progress(len(train_batches), f"{config.model} x{config.noise_factor:g} "
-                        f"epoch {epoch + 1}/{config.epochs}", config.progress)
+                        f"epoch {epoch + 1}/{config.epochs}", config.progress and dctx.is_main)
         t_log, seen_log = t0, 0
         for i, (noisy, clean) in enumerate(train_batches.batches(epoch)):
             if channels_last:
@@ -428,7 +433,7 @@ def train(config: TrainConfig, *, data=None, resume: bool = False, overwrite: bo
             bar.close()
         if seen == 0:
             raise ValueError("the training set gave no batch (fewer images than one batch?)")
-        train_loss = loss_sum.item() / seen
+        train_loss = distributed.mean_over_ranks(loss_sum / seen, dctx).item()
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training diverged at epoch {epoch + 1} (loss {train_loss})")
         val = evaluate(run_model, val_noisy, val_clean, **eval_kw)
@@ -439,20 +444,23 @@ def train(config: TrainConfig, *, data=None, resume: bool = False, overwrite: bo
                "val_psnr": val["psnr"], "val_ssim": val["ssim"], "epoch_time_s": elapsed,
                "images_per_s": seen / elapsed}
         history.append(row)
-        save_checkpoint(ckpt_path, {
-            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": asdict(config),
-            "epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "rng": _rng_state(device), "history": history})
-        write_metrics(out, config, history)
+        if dctx.is_main:
+            save_checkpoint(ckpt_path, {
+                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": asdict(config),
+                "epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "rng": _rng_state(device), "history": history})
+            write_metrics(out, config, history)
+        distributed.barrier(dctx)
         _say(config, f"epoch {epoch + 1}/{config.epochs}: train {train_loss:.5f}  val {val['loss']:.5f}  "
                      f"PSNR {val['psnr']:.2f} dB  SSIM {val['ssim']:.4f}  {elapsed:.1f} s")
-    if plots and history:
+    if plots and history and dctx.is_main:
         from .plots import loss_curves, sample_grid
 
         loss_curves(history, out / "train_loss.png",
                     title=f"{config.model}, noise x{config.noise_factor:g}")
         k = min(4, val_noisy.shape[0])
-        sample_grid(val_clean[:k], val_noisy[:k], predict(run_model, val_noisy[:k], **eval_kw),
+        # the bare model: only rank 0 draws, so no collective may run here
+        sample_grid(val_clean[:k], val_noisy[:k], predict(model, val_noisy[:k], **eval_kw),
                     out / "train_samples.png", title=f"{config.model}, noise x{config.noise_factor:g}")
     return TrainResult(model=model, config=config, history=history, out=out)
 
@@ -485,7 +493,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _say(config: TrainConfig, text: str) -> None:
-    if config.progress:
+    if config.progress and int(os.environ.get("RANK", "0")) == 0:  # torchrun: rank 0 speaks
         print(text, file=sys.stderr, flush=True)
 
 
@@ -559,9 +567,12 @@ def main(argv: list[str] | None = None) -> int:
         result = train(config, resume=args.resume, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
+    finally:
+        distributed.teardown_if_initialized()
     last = result.history[-1]
-    print(json.dumps({"model": config.model, "noise_factor": config.noise_factor, **last,
-                      "total_time_s": result.total_time_s}))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"model": config.model, "noise_factor": config.noise_factor, **last,
+                          "total_time_s": result.total_time_s}))
     return 0
 
 

@@ -1,5 +1,6 @@
 """speckle-train / speckle-reproduce: resume after a kill, files, and the errors they promise."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -176,3 +177,25 @@ def test_reproduce_tiny(tmp_path, capsys, cache_dir):
     # Re-running with --resume re-uses the finished runs.
     assert reproduce.main(["--out", str(out), "--cache-dir", cache_dir, *TINY, "--models", "d-unet",
                            "--factors", "1", "--no-baselines", "--resume"]) == 0
+
+
+def test_torchrun_two_processes_train_and_rank0_writes(tmp_path):
+    # speckle-train under torchrun (gloo on CPU): synchronized Br-U-Net statistics, DDP,
+    # each rank its shard of every global batch, one set of files written by rank 0.
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "models.train", "--model", "br-unet", "--preset", "quick", "--count", "40",
+           "--test-count", "8", "--image-size", "16", "--epochs", "2", "--batch-size", "2",
+           "--width", "4", "--out", str(out), "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["history"]) == 2
+    assert all(math.isfinite(row["train_loss"]) for row in metrics["history"])
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert int(state["epoch"]) == 2
+    # one JSON summary line on stdout: rank 1 stayed quiet
+    assert sum(1 for line in proc.stdout.splitlines() if line.startswith("{")) == 1
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp") or p.name.startswith(".")]
