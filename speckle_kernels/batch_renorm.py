@@ -69,6 +69,32 @@ if HAS_TRITON:
     _GRAD_C0 = tl.constexpr(GRAD_C0)
 
     @triton.jit
+    def _per_channel(v, CHANNELS_LAST: tl.constexpr):
+        # a (BLOCK_C,) per-channel vector laid along the tile's channel axis
+        if CHANNELS_LAST:
+            out = v[None, :]
+        else:
+            out = v[:, None]
+        return out
+
+    @triton.jit
+    def _tile(t, c1, C, INNER, n_inner_blocks, s_o, s_i, s_c,
+              CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, BLOCK_I: tl.constexpr):
+        # Offsets and mask of tile t (outer index o, inner block) for channels c1. The contiguous
+        # dimension is the tile's last axis: (BLOCK_I, BLOCK_C) channels_last, else (BLOCK_C, BLOCK_I).
+        o = t // n_inner_blocks
+        ii = (t - o * n_inner_blocks) * BLOCK_I + tl.arange(0, BLOCK_I)
+        ch = _per_channel(c1, CHANNELS_LAST)
+        if CHANNELS_LAST:
+            idx = ii[:, None]
+        else:
+            idx = ii[None, :]
+        if INDEX_64:
+            o = o.to(tl.int64)
+            ch = ch.to(tl.int64)
+        return o * s_o + idx * s_i + ch * s_c, (ch < C) & (idx < INNER)
+
+    @triton.jit
     def _channel_sums_kernel(
         x_ptr, dy_ptr, stats_ptr, partial_ptr,  # x, dy: (outer, inner, C) strided; partial: (2, P, C)
         C, INNER, n_inner_blocks, n_tiles, tiles_per_program,
@@ -89,28 +115,19 @@ if HAS_TRITON:
             shift = tl.load(x_ptr + c1 * s_c, mask=cmask, other=0.0).to(tl.float32)
             offset = tl.zeros([BLOCK_C], tl.float32)
             scale = tl.full([BLOCK_C], 1.0, tl.float32)
+        shift2 = _per_channel(shift, CHANNELS_LAST)
+        offset2 = _per_channel(offset, CHANNELS_LAST)
+        scale2 = _per_channel(scale, CHANNELS_LAST)
         if CHANNELS_LAST:
-            ch = c1[None, :]
-            ii = tl.arange(0, BLOCK_I)[:, None]
-            shift2, offset2, scale2 = shift[None, :], offset[None, :], scale[None, :]
             acc_a = tl.zeros([BLOCK_I, BLOCK_C], tl.float32)
         else:
-            ch = c1[:, None]
-            ii = tl.arange(0, BLOCK_I)[None, :]
-            shift2, offset2, scale2 = shift[:, None], offset[:, None], scale[:, None]
             acc_a = tl.zeros([BLOCK_C, BLOCK_I], tl.float32)
         acc_b = acc_a
-        if INDEX_64:
-            ch = ch.to(tl.int64)
         t_start = p * tiles_per_program
         t_end = tl.minimum(t_start + tiles_per_program, n_tiles)
         for t in range(t_start, t_end):
-            o = t // n_inner_blocks
-            idx = (t - o * n_inner_blocks) * BLOCK_I + ii
-            if INDEX_64:
-                o = o.to(tl.int64)
-            m = (ch < C) & (idx < INNER)
-            offs = o * s_o + idx * s_i + ch * s_c
+            offs, m = _tile(t, c1, C, INNER, n_inner_blocks, s_o, s_i, s_c,
+                            CHANNELS_LAST, INDEX_64, BLOCK_I)
             x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
             u = tl.where(m, ((x - shift2) - offset2) * scale2, 0.0)
             if BACKWARD:
@@ -150,22 +167,12 @@ if HAS_TRITON:
         cx = tl.load(coef_x_ptr + c1, mask=cmask, other=0.0)
         c0 = tl.load(coef_0_ptr + c1, mask=cmask, other=0.0)
         cdy = tl.load(coef_dy_ptr + c1, mask=cmask, other=0.0)
-        o = t // n_inner_blocks
-        if CHANNELS_LAST:
-            ch = c1[None, :]
-            idx = (t - o * n_inner_blocks) * BLOCK_I + tl.arange(0, BLOCK_I)[:, None]
-            pivot2, offset2 = pivot[None, :], offset[None, :]
-            cx2, c02, cdy2 = cx[None, :], c0[None, :], cdy[None, :]
-        else:
-            ch = c1[:, None]
-            idx = (t - o * n_inner_blocks) * BLOCK_I + tl.arange(0, BLOCK_I)[None, :]
-            pivot2, offset2 = pivot[:, None], offset[:, None]
-            cx2, c02, cdy2 = cx[:, None], c0[:, None], cdy[:, None]
-        if INDEX_64:
-            o = o.to(tl.int64)
-            ch = ch.to(tl.int64)
-        m = (ch < C) & (idx < INNER)
-        offs = o * s_o + idx * s_i + ch * s_c
+        offs, m = _tile(t, c1, C, INNER, n_inner_blocks, s_o, s_i, s_c, CHANNELS_LAST, INDEX_64, BLOCK_I)
+        pivot2 = _per_channel(pivot, CHANNELS_LAST)
+        offset2 = _per_channel(offset, CHANNELS_LAST)
+        cx2 = _per_channel(cx, CHANNELS_LAST)
+        c02 = _per_channel(c0, CHANNELS_LAST)
+        cdy2 = _per_channel(cdy, CHANNELS_LAST)
         out = ((tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) - pivot2) - offset2) * cx2 + c02
         if HAS_DY:
             out += tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32) * cdy2
