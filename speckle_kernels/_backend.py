@@ -86,3 +86,13 @@ def resolve_backend(backend: str, device: torch.device, *, has_cpu_ext: bool = F
         raise RuntimeError("backend='cpu' was asked for but the C++ CPU extension is not built "
                            "(see README: building the extensions)")
     return backend
+
+
+def kernel_input(x: torch.Tensor) -> torch.Tensor:
+    """x as every fused backend (Triton, C++, CUDA) reads it: itself when contiguous or
+    channels_last, else a contiguous copy. Outputs take this layout; the fake kernels use it to
+    give torch.compile their strides."""
+    order = (0, *range(2, x.dim()), 1)
+    if x.is_contiguous() or x.permute(order).is_contiguous():
+        return x
+    return x.contiguous()

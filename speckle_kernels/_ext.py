@@ -14,6 +14,7 @@ import warnings
 
 import torch
 
+from ._backend import kernel_input
 from .reference import RenormSchedule
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -115,20 +116,15 @@ def make_noisy_batch(clean_u8: torch.Tensor, *, factor: float = 1.0, sigma_mult=
 # Fake (meta) kernels: shapes, dtypes and layouts of the ops' outputs, so that torch.compile
 # (fullgraph) traces through the C++/CUDA ops instead of breaking the graph on them.
 if HAS_CPU_EXT:
-    def _layout_like(x: torch.Tensor) -> torch.Tensor:
-        # the kernels read contiguous or channels_last input in place and copy anything else
-        order = (0, *range(2, x.dim()), 1)
-        return x if x.is_contiguous() or x.permute(order).is_contiguous() else x.contiguous()
-
     @torch.library.register_fake("speckle_kernels::batch_renorm_forward")
     def _(x, weight, bias, running_mean, running_std, num_batches_tracked, training, momentum,
           eps, r_max, d_max):
-        return torch.empty_like(_layout_like(x)), x.new_empty((8, x.shape[1]), dtype=torch.float32)
+        return torch.empty_like(kernel_input(x)), x.new_empty((8, x.shape[1]), dtype=torch.float32)
 
     @torch.library.register_fake("speckle_kernels::batch_renorm_backward")
     def _(dy, x, weight, stats, training):
         c = x.shape[1]
-        return (torch.empty_like(_layout_like(x)), x.new_empty((c,), dtype=torch.float32),
+        return (torch.empty_like(kernel_input(x)), x.new_empty((c,), dtype=torch.float32),
                 x.new_empty((c,), dtype=torch.float32))
 
     @torch.library.register_fake("speckle_kernels::add_speckle_noise")

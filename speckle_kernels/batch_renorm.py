@@ -30,7 +30,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ._backend import HAS_TRITON, resolve_backend
+from ._backend import HAS_TRITON, kernel_input, resolve_backend
 from .reference import DMAX_SCHEDULE, RMAX_SCHEDULE, RenormSchedule, batch_renorm_reference
 
 try:  # the C++/CUDA extension is optional; the package falls back without it
@@ -280,15 +280,6 @@ if HAS_TRITON:
 
 
 # ----------------------------------------------------------------------------- host side
-
-def kernel_input(x: torch.Tensor) -> torch.Tensor:
-    """x as the kernels read it: itself when contiguous or channels_last, else a contiguous copy.
-    The output has the same layout (fake kernels use this to give torch.compile the strides)."""
-    order = (0, *range(2, x.dim()), 1)
-    if x.is_contiguous() or x.permute(order).is_contiguous():
-        return x
-    return x.contiguous()
-
 
 class _Layout:
     """x viewed as (outer, inner, C) with element strides, and the tile shape that suits it."""

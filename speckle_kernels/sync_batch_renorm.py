@@ -18,18 +18,15 @@ import torch.distributed as dist
 from torch import nn
 
 from .layers import FusedBatchRenorm1d, FusedBatchRenorm2d, FusedBatchRenorm3d, _FusedBatchRenorm
-from .reference import _sqrt_zero_grad_at_zero, renorm_correction, update_running_stats
-
-
-def _channel_shape(x: torch.Tensor) -> list[int]:
-    return [1, x.shape[1]] + [1] * (x.dim() - 2)
+from .reference import (_channel_view_shape, _reduce_dims, _sqrt_zero_grad_at_zero, renorm_correction,
+                        update_running_stats)
 
 
 class _SyncBatchRenormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_std, num_batches_tracked,
                 momentum, eps, r_max, d_max, group):
-        dims = [0] + list(range(2, x.dim()))
+        dims = _reduce_dims(x)
         xf = x.float()
         count = torch.full((x.shape[1],), x.numel() / x.shape[1], device=x.device)
         var, mean = torch.var_mean(xf, dims, unbiased=False)
@@ -47,7 +44,7 @@ class _SyncBatchRenormFunction(torch.autograd.Function):
         std = std_biased + eps
         r, d = renorm_correction(mean, std, running_mean, running_std, num_batches_tracked, r_max, d_max)
         update_running_stats(mean, std, running_mean, running_std, num_batches_tracked, momentum)
-        shape = _channel_shape(x)
+        shape = _channel_view_shape(x)
         z = (xf - mean.view(shape)) / std.view(shape)
         xhat = z * r.view(shape) + d.view(shape)
         y = xhat
@@ -63,8 +60,8 @@ class _SyncBatchRenormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, mean, std, inv_s, r, d, total = ctx.saved_tensors
-        dims = [0] + list(range(2, x.dim()))
-        shape = _channel_shape(x)
+        dims = _reduce_dims(x)
+        shape = _channel_view_shape(x)
         dyf = dy.float()
         z = (x.float() - mean.view(shape)) / std.view(shape)
         local_sums = torch.stack([dyf.sum(dims), (dyf * z).sum(dims)])
