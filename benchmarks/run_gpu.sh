@@ -3,21 +3,26 @@
 # benchmarks/results/<gpu-name>-<date>/ (logs, gpu_check.md/.json, benchmarks.json/.md/.png).
 #
 #   benchmarks/run_gpu.sh                       # every step
-#   STEPS="build check" benchmarks/run_gpu.sh   # some of: build check tests bench report
+#   STEPS="build check" benchmarks/run_gpu.sh   # some of: build check train tests bench report
 #
 # Steps: build  pip install --no-build-isolation -e .  (builds the CUDA extension)
 #        check  python -m benchmarks.gpu_check        (every kernel vs the reference, headline timings)
+#        train  speckle-train at the paper preset: Br-U-Net (fused, and the reference norm for
+#               one epoch), D-U-Net; each run's metrics.json kept (issue 4's 30 s target)
 #        tests  python -m pytest tests -q
 #        bench  pytest benchmarks --benchmark-only at full size, JSON saved
 #        report python -m benchmarks.report           (markdown table + PNG chart)
 # A failing step is logged and the next one still runs; the exit status is 1 if any failed.
-# Environment: PYTHON (default python3), MAX_JOBS (build parallelism, default: all cores).
+# Environment: PYTHON (default python3), MAX_JOBS (build parallelism, default: all cores),
+# STEP_TIMEOUT (seconds per step, default 900), OUT (if set, the results folder is also packed
+# into $OUT/results.tgz: the device tool brings back only what is under $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PY="${PYTHON:-python3}"
-STEPS="${STEPS:-build check tests bench report}"
+STEPS="${STEPS:-build check train tests bench report}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+STEP_TIMEOUT="${STEP_TIMEOUT:-900}"
 unset TRITON_INTERPRET  # the interpreter is a correctness tool; benchmarks time the GPU
 
 gpu="$("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))' 2>/dev/null)" || gpu=""
@@ -47,15 +52,42 @@ step() {  # step NAME COMMAND...: run, log to $out/NAME.log, remember a failure
     case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
     echo "=== $name: $*"
     local t0=$SECONDS
-    "$@" 2>&1 | tee "$out/$name.log"
+    # shell functions run under timeout through a child bash (they are exported below)
+    timeout "$STEP_TIMEOUT" bash -c '"$@"' _ "$@" 2>&1 | tee "$out/$name.log"
     local rc=${PIPESTATUS[0]}
     echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$out/summary.txt"
     [ "$rc" -eq 0 ] || failed="$failed $name"
+    pack
+}
+pack() {  # after every step, so a call cut off at its time limit still brings back what it had
+    if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+        tar czf "$OUT/results.tgz.tmp" "$out" && mv "$OUT/results.tgz.tmp" "$OUT/results.tgz"
+    fi
 }
 
-step build "$PY" -m pip install --no-build-isolation -e .
+build() {  # pip's editable install; where pip cannot (no index, old setuptools), build in place
+    PIP_NO_INDEX=1 "$PY" -m pip install --no-build-isolation --no-deps -e . ||
+        "$PY" setup.py build_ext --inplace
+}
+train() {  # wall time of whole runs at the paper preset, on the phantom set
+    local runs
+    runs="$(mktemp -d)"
+    for spec in "br-unet fused 10" "br-unet reference 1" "d-unet batchnorm 10"; do
+        set -- $spec
+        echo "--- $1 --norm $2, $3 epochs"
+        local t0=$SECONDS
+        "$PY" -m models.train --model "$1" --norm "$2" --epochs "$3" --preset paper --device cuda \
+            --out "$runs/$1-$2" --cache-dir "$runs/cache" --no-progress || return 1
+        echo "--- $1 --norm $2: $((SECONDS - t0)) s wall (data generation included)"
+        cp "$runs/$1-$2/metrics.json" "$out/train-$1-$2.json" 2>/dev/null
+    done
+}
+export -f build train
+export PY out
+step build build
 step check "$PY" -m benchmarks.gpu_check --out "$out"
-step tests "$PY" -m pytest tests -q -p no:cacheprovider
+step train train
+step tests "$PY" -m pytest tests -q -p no:cacheprovider ${PYTEST_ARGS:-}
 step bench env SPECKLE_BENCH_SIZE=full "$PY" -m pytest benchmarks --benchmark-only -q \
     -p no:cacheprovider --benchmark-json="$out/benchmarks.json"
 step report "$PY" -m benchmarks.report "$out/benchmarks.json" --out "$out"
