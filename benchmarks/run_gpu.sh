@@ -7,6 +7,7 @@
 #
 # Steps: build  pip install --no-build-isolation -e .  (builds the CUDA extension)
 #        check  python -m benchmarks.gpu_check        (every kernel vs the reference, headline timings)
+#        tune   python -m benchmarks.tune_gpu         (kernel configurations; op timings three ways)
 #        train  speckle-train at the paper preset: Br-U-Net (fused, and the reference norm for
 #               one epoch), D-U-Net; each run's metrics.json kept (issue 4's 30 s target)
 #        tests  python -m pytest tests -q
@@ -14,7 +15,7 @@
 #        report python -m benchmarks.report           (markdown table + PNG chart)
 # A failing step is logged and the next one still runs; the exit status is 1 if any failed.
 # Environment: PYTHON (default python3), MAX_JOBS (build parallelism, default: all cores),
-# STEP_TIMEOUT (seconds per step, default 900), OUT (if set, the results folder is also packed
+# STEP_TIMEOUT (seconds per step, default 900), TRAIN_RUNS ('model norm epochs [args];...'), OUT (if set, the results folder is also packed
 # into $OUT/results.tgz: the device tool brings back only what is under $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -69,23 +70,30 @@ build() {  # pip's editable install; where pip cannot (no index, old setuptools)
     PIP_NO_INDEX=1 "$PY" -m pip install --no-build-isolation --no-deps -e . ||
         "$PY" setup.py build_ext --inplace
 }
-train() {  # wall time of whole runs at the paper preset, on the phantom set
-    local runs
+train() {  # wall time of whole runs at the paper preset on the phantom set; TRAIN_RUNS overrides
+    local runs i=0
     runs="$(mktemp -d)"
-    for spec in "br-unet fused 10" "br-unet reference 1" "d-unet batchnorm 10"; do
+    local specs="${TRAIN_RUNS:-br-unet fused 10;br-unet reference 1;d-unet batchnorm 10}"
+    IFS=';' read -ra specs_list <<< "$specs"
+    for spec in "${specs_list[@]}"; do
         set -- $spec
-        echo "--- $1 --norm $2, $3 epochs"
+        local model="$1" norm="$2" epochs="$3"
+        shift 3
+        i=$((i + 1))
+        echo "--- $model --norm $norm, $epochs epochs $*"
         local t0=$SECONDS
-        "$PY" -m models.train --model "$1" --norm "$2" --epochs "$3" --preset paper --device cuda \
-            --out "$runs/$1-$2" --cache-dir "$runs/cache" --no-progress || return 1
-        echo "--- $1 --norm $2: $((SECONDS - t0)) s wall (data generation included)"
-        cp "$runs/$1-$2/metrics.json" "$out/train-$1-$2.json" 2>/dev/null
+        "$PY" -m models.train --model "$model" --norm "$norm" --epochs "$epochs" --preset paper \
+            --device cuda --out "$runs/$i" --cache-dir "$runs/cache" --no-progress "$@" || return 1
+        echo "--- $model --norm $norm $*: $((SECONDS - t0)) s wall (data generation included)"
+        cut -d, -f1-9 "$runs/$i/metrics.csv" 2>/dev/null | column -s, -t
+        cp "$runs/$i/metrics.json" "$out/train-$i-$model-$norm.json" 2>/dev/null
     done
 }
 export -f build train
 export PY out
 step build build
 step check "$PY" -m benchmarks.gpu_check --out "$out"
+step tune "$PY" -m benchmarks.tune_gpu --out "$out"
 step train train
 step tests "$PY" -m pytest tests -q -p no:cacheprovider ${PYTEST_ARGS:-}
 step bench env SPECKLE_BENCH_SIZE=full "$PY" -m pytest benchmarks --benchmark-only -q \

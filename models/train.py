@@ -90,6 +90,7 @@ class TrainConfig:
     test_count: int | None = 64
     val_fraction: float = 0.2
     norm: str | None = None          # U-Nets only; None: batchnorm (D-U-Net) / fused (Br-U-Net)
+    norm_backend: str = "auto"       # the fused layers' kernel backend (speckle_kernels backends)
     distribution: str = "gaussian"
     sigma_mult: float | None = None  # None: speckle_kernels.noise defaults
     sigma_add: float | None = None
@@ -120,6 +121,9 @@ class TrainConfig:
             c.norm = "batchnorm" if c.model == "d-unet" else "fused"
         elif c.norm not in NORMS:
             raise ValueError(f"unknown norm {c.norm!r}; expected one of {', '.join(NORMS)}")
+        from speckle_kernels._backend import check_backend_name
+
+        check_backend_name(c.norm_backend)
         if c.sigma_mult is None or c.sigma_add is None:
             from speckle_kernels.noise import DEFAULT_SIGMA_ADD, DEFAULT_SIGMA_MULT
 
@@ -361,6 +365,9 @@ def train(config: TrainConfig, *, data=None, resume: bool = False, overwrite: bo
     torch.manual_seed(config.seed)
     model = build_model(config.model, norm=None if config.model == "di-conv-ae" else config.norm,
                         width=config.width, dropout=config.dropout).to(device)
+    for m in model.modules():  # the fused layers' kernels: auto, or one named backend
+        if hasattr(m, "backend") and m.backend != "reference":
+            m.backend = config.norm_backend
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = distributed.sync_norms(model, dctx, device)
@@ -516,6 +523,9 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sigma-add", type=float, help="additive noise sigma")
     p.add_argument("--cache-dir")
     p.add_argument("--threads", type=int, help="CPU threads (quick: 1, paper: torch's default)")
+    p.add_argument("--norm-backend", default="auto",
+                   choices=("auto", "triton", "cuda", "cpu", "reference"),
+                   help="kernels of the fused norm layers (default auto: triton on CUDA, cpu on CPU)")
     p.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
     p.add_argument("--cuda-graph", action="store_true", help="capture the training step (CUDA)")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
@@ -540,6 +550,7 @@ def config_from_args(args: argparse.Namespace, *, model: str, noise_factor: floa
                       sigma_mult=args.sigma_mult, sigma_add=args.sigma_add, seed=args.seed,
                       device=args.device, amp=False if args.no_amp else None,
                       compile=args.compile, cuda_graph=args.cuda_graph, log_every=args.log_every,
+                      norm_backend=args.norm_backend,
                       progress=not args.no_progress, cache_dir=args.cache_dir, **sized)
     return cfg.resolved()
 

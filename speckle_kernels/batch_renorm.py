@@ -49,6 +49,9 @@ STAT_PIVOT, STAT_MEAN_OFFSET, STAT_INVSTD, STAT_R, STAT_D, STAT_INV_S, STAT_SCAL
 GRAD_WEIGHT, GRAD_BIAS, GRAD_A, GRAD_B, GRAD_C0 = range(5)
 N_STATS, N_GRADS = 8, 5
 TILE_ELEMENTS = 2048  # per tile: 16 fp32 values a thread at 4 warps; enough bytes in flight
+SUMS_NUM_WARPS = 4
+AFFINE_NUM_WARPS = 4
+REDUCTION_PROGRAMS_PER_SM = 8  # programs along the reduction: a few waves of the GPU
 FINALIZE_BLOCK_C = 64
 FINALIZE_BLOCK_P = 32
 
@@ -320,7 +323,7 @@ class _Layout:
 def _programs_for_reduction(layout: _Layout, device: torch.device) -> tuple[int, int]:
     """(programs along the reduction, tiles each): a few waves of the GPU in all."""
     if device.type == "cuda":
-        target = 8 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = REDUCTION_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
     else:  # the interpreter runs programs one after the other: fewer, longer ones
         target = 4
     per_channel_block = max(1, min(layout.n_tiles, triton.cdiv(target, layout.c_blocks)))
@@ -336,7 +339,7 @@ def _channel_sums(layout: _Layout, dy: torch.Tensor | None, stats: torch.Tensor 
     _channel_sums_kernel[(programs, layout.c_blocks)](
         x, dy if backward else x, stats if backward else partial, partial,
         layout.C, layout.inner, layout.n_inner_blocks, layout.n_tiles, tiles_per_program,
-        *layout.strides, BACKWARD=backward, **layout.launch_args())
+        *layout.strides, BACKWARD=backward, num_warps=SUMS_NUM_WARPS, **layout.launch_args())
     return partial
 
 
@@ -345,7 +348,7 @@ def _per_channel_affine(layout: _Layout, x, dy, stats, coef_x, coef_dy, coef_0) 
     _per_channel_affine_kernel[(layout.n_tiles, layout.c_blocks)](
         x, dy if dy is not None else x, out, stats[STAT_PIVOT], stats[STAT_MEAN_OFFSET], coef_x, coef_dy if dy is not None else coef_x,
         coef_0, layout.C, layout.inner, layout.n_inner_blocks, *layout.strides,
-        HAS_DY=dy is not None, **layout.launch_args())
+        HAS_DY=dy is not None, num_warps=AFFINE_NUM_WARPS, **layout.launch_args())
     return out
 
 
