@@ -15,7 +15,7 @@
 #        report python -m benchmarks.report           (markdown table + PNG chart)
 # A failing step is logged and the next one still runs; the exit status is 1 if any failed.
 # Environment: PYTHON (default python3), MAX_JOBS (build parallelism, default: all cores),
-# STEP_TIMEOUT (seconds per step, default 900), TRAIN_RUNS ('model norm epochs [args];...'), OUT (if set, the results folder is also packed
+# STEP_TIMEOUT (seconds per step, default 900), TUNE_ARGS (e.g. --skip-sweep), TRAIN_RUNS ('model norm epochs [args];...'), OUT (if set, the results folder is also packed
 # into $OUT/results.tgz: the device tool brings back only what is under $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -85,7 +85,7 @@ train() {  # wall time of whole runs at the paper preset on the phantom set; TRA
         "$PY" -m models.train --model "$model" --norm "$norm" --epochs "$epochs" --preset paper \
             --device cuda --out "$runs/$i" --cache-dir "$runs/cache" --no-progress "$@" || return 1
         echo "--- $model --norm $norm $*: $((SECONDS - t0)) s wall (data generation included)"
-        cut -d, -f1-9 "$runs/$i/metrics.csv" 2>/dev/null | column -s, -t
+        cut -d, -f1-9 "$runs/$i/metrics.csv" 2>/dev/null
         cp "$runs/$i/metrics.json" "$out/train-$i-$model-$norm.json" 2>/dev/null
     done
 }
@@ -93,7 +93,7 @@ export -f build train
 export PY out
 step build build
 step check "$PY" -m benchmarks.gpu_check --out "$out"
-step tune "$PY" -m benchmarks.tune_gpu --out "$out"
+step tune "$PY" -m benchmarks.tune_gpu --out "$out" ${TUNE_ARGS:-}
 step train train
 step tests "$PY" -m pytest tests -q -p no:cacheprovider ${PYTEST_ARGS:-}
 step bench env SPECKLE_BENCH_SIZE=full "$PY" -m pytest benchmarks --benchmark-only -q \

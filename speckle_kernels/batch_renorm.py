@@ -52,8 +52,11 @@ TILE_ELEMENTS = 2048  # per tile: 16 fp32 values a thread at 4 warps; enough byt
 SUMS_NUM_WARPS = 4
 AFFINE_NUM_WARPS = 4
 REDUCTION_PROGRAMS_PER_SM = 8  # programs along the reduction: a few waves of the GPU
-FINALIZE_BLOCK_C = 64
-FINALIZE_BLOCK_P = 32
+# Channels-last input has one channel block, so its reduction splits into ~8 partials a
+# multiprocessor (P ~ 1000): the merge loop is latency-bound, so it walks 128 partials a step
+# over 16 channels a program (at 64 x 32 it cost ~35 us an H100, a fifth of the forward).
+FINALIZE_BLOCK_C = 16
+FINALIZE_BLOCK_P = 128
 
 if HAS_TRITON:
     # Kernels may only read globals that are tl.constexpr; the host indexes with the ints above.
@@ -284,6 +287,16 @@ if HAS_TRITON:
 
 # ----------------------------------------------------------------------------- host side
 
+def _cdiv(a: int, b: int) -> int:
+    # triton.cdiv and triton.next_power_of_2 go through Triton's constexpr wrappers: several
+    # microseconds a call, on a path where the host's time per layer is the budget.
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
 class _Layout:
     """x viewed as (outer, inner, C) with element strides, and the tile shape that suits it."""
 
@@ -299,14 +312,14 @@ class _Layout:
             self.outer, self.inner, self.strides = n, inner, (c * inner, 1, inner)
         self.C = c
         if self.channels_last:
-            self.block_c = min(triton.next_power_of_2(c), 128)
-            self.block_i = min(max(TILE_ELEMENTS // self.block_c, 1), triton.next_power_of_2(self.inner))
+            self.block_c = min(_next_power_of_2(c), 128)
+            self.block_i = min(max(TILE_ELEMENTS // self.block_c, 1), _next_power_of_2(self.inner))
         else:
-            self.block_i = min(triton.next_power_of_2(self.inner), TILE_ELEMENTS)
-            self.block_c = min(max(TILE_ELEMENTS // self.block_i, 1), triton.next_power_of_2(c))
-        self.n_inner_blocks = triton.cdiv(self.inner, self.block_i)
+            self.block_i = min(_next_power_of_2(self.inner), TILE_ELEMENTS)
+            self.block_c = min(max(TILE_ELEMENTS // self.block_i, 1), _next_power_of_2(c))
+        self.n_inner_blocks = _cdiv(self.inner, self.block_i)
         self.n_tiles = self.outer * self.n_inner_blocks
-        self.c_blocks = triton.cdiv(c, self.block_c)
+        self.c_blocks = _cdiv(c, self.block_c)
         self.index_64 = self.tensor.numel() >= 2**31 - TILE_ELEMENTS
 
     def match(self, t: torch.Tensor) -> torch.Tensor:
@@ -326,9 +339,9 @@ def _programs_for_reduction(layout: _Layout, device: torch.device) -> tuple[int,
         target = REDUCTION_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
     else:  # the interpreter runs programs one after the other: fewer, longer ones
         target = 4
-    per_channel_block = max(1, min(layout.n_tiles, triton.cdiv(target, layout.c_blocks)))
-    tiles_per_program = triton.cdiv(layout.n_tiles, per_channel_block)
-    return triton.cdiv(layout.n_tiles, tiles_per_program), tiles_per_program
+    per_channel_block = max(1, min(layout.n_tiles, _cdiv(target, layout.c_blocks)))
+    tiles_per_program = _cdiv(layout.n_tiles, per_channel_block)
+    return _cdiv(layout.n_tiles, tiles_per_program), tiles_per_program
 
 
 def _channel_sums(layout: _Layout, dy: torch.Tensor | None, stats: torch.Tensor | None) -> torch.Tensor:
@@ -360,7 +373,7 @@ def batch_renorm_statistics(x, weight, bias, running_mean, running_std, num_batc
     C = layout.C
     stats = torch.empty((N_STATS, C), device=x.device, dtype=torch.float32)
     partial = _channel_sums(layout, None, None) if training else stats
-    _batch_renorm_forward_finalize_kernel[(triton.cdiv(C, FINALIZE_BLOCK_C),)](
+    _batch_renorm_forward_finalize_kernel[(_cdiv(C, FINALIZE_BLOCK_C),)](
         layout.tensor, partial, weight if weight is not None else stats,
         bias if bias is not None else stats, running_mean, running_std, num_batches_tracked, stats,
         partial.shape[1], C, layout.strides[2], float(x.numel() // C), float(eps), float(momentum),
@@ -382,7 +395,7 @@ def batch_renorm_backward(dy, layout: _Layout, weight, stats, *, training: bool)
     C = layout.C
     partial = _channel_sums(layout, dy, stats)
     grads = torch.empty((N_GRADS, C), device=dy.device, dtype=torch.float32)
-    _batch_renorm_backward_finalize_kernel[(triton.cdiv(C, FINALIZE_BLOCK_C),)](
+    _batch_renorm_backward_finalize_kernel[(_cdiv(C, FINALIZE_BLOCK_C),)](
         partial, weight if weight is not None else stats, stats, grads,
         partial.shape[1], C, float(dy.numel() // C),
         TRAINING=training, HAS_WEIGHT=weight is not None,
@@ -459,6 +472,29 @@ def _normalize_backward(ctx, dy):
 batch_renorm_triton_normalize.register_autograd(_normalize_backward, setup_context=_setup_context)
 
 
+class _EagerNormalize(torch.autograd.Function):
+    """The normalize op's eager twin. torch.library's Python custom ops cost ~100 us of host time
+    a call in eager mode (measured on an H100's host: 500 us a forward against 160 us of GPU
+    work), so eager calls run the same functions through a plain autograd.Function and
+    torch.compile traces the registered ops."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stats, training):
+        ctx.save_for_backward(x, weight, stats)
+        ctx.training = training
+        ctx.has_bias = bias is not None
+        return batch_renorm_normalize(_Layout(x), stats)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, stats = ctx.saved_tensors
+        dx, grads = batch_renorm_backward(dy, _Layout(x), weight, stats, training=ctx.training)
+        param_dtype = weight.dtype if weight is not None else torch.float32
+        dweight = grads[GRAD_WEIGHT].to(param_dtype) if weight is not None else None
+        dbias = grads[GRAD_BIAS].to(param_dtype) if ctx.has_bias else None
+        return dx, dweight, dbias, None, None
+
+
 # ----------------------------------------------------------------------------- dispatcher
 
 def _check_inputs(x, running_mean, running_std, num_batches_tracked, weight, bias, momentum, eps):
@@ -526,10 +562,16 @@ def batch_renorm(
         schedule = [r_max.slope, r_max.start, r_max.low, r_max.high,
                     d_max.slope, d_max.start, d_max.low, d_max.high]
         detach = (lambda t: t.detach() if t is not None else None)
-        stats = batch_renorm_triton_statistics(x.detach(), detach(weight), detach(bias), running_mean,
-                                               running_std, num_batches_tracked, training, float(momentum),
-                                               float(eps), schedule)
-        return batch_renorm_triton_normalize(x, weight, bias, stats, training)
+        if torch.compiler.is_compiling():
+            stats = batch_renorm_triton_statistics(x.detach(), detach(weight), detach(bias), running_mean,
+                                                   running_std, num_batches_tracked, training, float(momentum),
+                                                   float(eps), schedule)
+            return batch_renorm_triton_normalize(x, weight, bias, stats, training)
+        with torch.no_grad():
+            stats = batch_renorm_statistics(x.detach(), detach(weight), detach(bias), running_mean,
+                                            running_std, num_batches_tracked, training=training,
+                                            momentum=float(momentum), eps=float(eps), r_max=r_max, d_max=d_max)
+        return _EagerNormalize.apply(x, weight, bias, stats, training)
     return _ext.batch_renorm(x, weight, bias, running_mean, running_std, num_batches_tracked,
                              training=training, momentum=float(momentum), eps=float(eps),
                              r_max=r_max, d_max=d_max)

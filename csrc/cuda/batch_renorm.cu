@@ -10,6 +10,9 @@
 //   3. affine: out = ((x - pivot) - offset)*coef_x + dy*coef_dy + coef_0 (y, or dx in backward).
 // Layouts: contiguous (planes of L values, blocks walk tiles of one plane row) and channels-last
 // (rows of C values, 32 channels x 8 rows a block so loads coalesce along C). Offsets are 64-bit.
+// Memory-level parallelism: every thread issues all its loads of an iteration (kPerThread
+// values, or kRowsInFlight rows) before it uses any. With one load in flight a thread, an H100
+// ran these kernels at about half of copy bandwidth (benchmarks/results/nvidia-h100-*).
 // Limits: C <= 65535 for contiguous input (channels on gridDim.y); no 128-bit vector loads yet.
 #include <algorithm>
 #include <type_traits>
@@ -21,7 +24,8 @@ namespace speckle::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kPerThread = 4;
+constexpr int kPerThread = 8;
+constexpr int kRowsInFlight = 4;  // channels-last: rows a thread loads before using them
 constexpr int64_t kTile = kThreads * kPerThread;  // values of one plane a contiguous tile holds
 constexpr int kClChannels = 32, kClRows = 8;      // channels-last block: 32 channels x 8 rows
 constexpr int kFinalizeThreads = 128;
@@ -70,11 +74,15 @@ __global__ void sums_contiguous_kernel(const T* __restrict__ x, const T* __restr
   for (int64_t t = p; t < N * tiles_per_row; t += P) {
     const int64_t n = t / tiles_per_row, l0 = (t - n * tiles_per_row) * kTile;
     const int64_t base = (n * C + c) * L;
+    float xv[kPerThread], dyv[kPerThread];
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j) {
       const int64_t l = l0 + j * kThreads + threadIdx.x;
-      if (l < L) accumulate<BWD>(to_float(x[base + l]), BWD ? to_float(dy[base + l]) : 0.0f, pivot, offset, invstd, a, b);
+      xv[j] = l < L ? to_float(x[base + l]) : pivot;  // u = 0 and dy = 0 off the end: adds nothing
+      dyv[j] = BWD && l < L ? to_float(dy[base + l]) : 0.0f;
     }
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) accumulate<BWD>(xv[j], dyv[j], pivot, offset, invstd, a, b);
   }
   __shared__ float shared[32];
   a = block_sum(a, shared);
@@ -96,7 +104,19 @@ __global__ void sums_channels_last_kernel(const T* __restrict__ x, const T* __re
   if (c < C) {
     float pivot, offset, invstd;
     centre_of<T, BWD>(x, stats, c, C, 1, pivot, offset, invstd);
-    for (int64_t r = static_cast<int64_t>(p) * kClRows + threadIdx.y; r < R; r += static_cast<int64_t>(P) * kClRows) {
+    const int64_t step = static_cast<int64_t>(P) * kClRows;
+    int64_t r = static_cast<int64_t>(p) * kClRows + threadIdx.y;
+    for (; r + (kRowsInFlight - 1) * step < R; r += kRowsInFlight * step) {
+      float xv[kRowsInFlight], dyv[kRowsInFlight];
+#pragma unroll
+      for (int j = 0; j < kRowsInFlight; ++j) {
+        xv[j] = to_float(x[(r + j * step) * C + c]);
+        dyv[j] = BWD ? to_float(dy[(r + j * step) * C + c]) : 0.0f;
+      }
+#pragma unroll
+      for (int j = 0; j < kRowsInFlight; ++j) accumulate<BWD>(xv[j], dyv[j], pivot, offset, invstd, a, b);
+    }
+    for (; r < R; r += step) {
       const int64_t i = r * C + c;
       accumulate<BWD>(to_float(x[i]), BWD ? to_float(dy[i]) : 0.0f, pivot, offset, invstd, a, b);
     }
@@ -189,9 +209,19 @@ __global__ void affine_contiguous_kernel(const T* __restrict__ x, const T* __res
     const int64_t c = plane % C, base = plane * L;
     const float pivot = k.pivot[c], offset = k.offset[c], cx = k.coef_x[c], c0 = k.coef_0[c];
     const float cdy = HAS_DY ? k.coef_dy[c] : 0.0f;
-    for (int64_t l = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; l < L;
-         l += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      out[base + l] = affine_value<T, HAS_DY>(x, dy, base + l, pivot, offset, cx, cdy, c0);
+    for (int64_t l0 = static_cast<int64_t>(blockIdx.x) * kTile + threadIdx.x; l0 < L;
+         l0 += static_cast<int64_t>(gridDim.x) * kTile) {
+      T v[kPerThread];
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j) {
+        const int64_t l = l0 + j * kThreads;
+        if (l < L) v[j] = affine_value<T, HAS_DY>(x, dy, base + l, pivot, offset, cx, cdy, c0);
+      }
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j) {
+        const int64_t l = l0 + j * kThreads;
+        if (l < L) out[base + l] = v[j];
+      }
     }
   }
 }
@@ -204,9 +234,20 @@ __global__ void affine_channels_last_kernel(const T* __restrict__ x, const T* __
   if (c >= C) return;
   const float pivot = k.pivot[c], offset = k.offset[c], cx = k.coef_x[c], c0 = k.coef_0[c];
   const float cdy = HAS_DY ? k.coef_dy[c] : 0.0f;
-  for (int64_t r = static_cast<int64_t>(blockIdx.y) * kClRows + threadIdx.y; r < R;
-       r += static_cast<int64_t>(gridDim.y) * kClRows) {
-    out[r * C + c] = affine_value<T, HAS_DY>(x, dy, r * C + c, pivot, offset, cx, cdy, c0);
+  constexpr int64_t kGroup = kClRows * kRowsInFlight;  // rows of a block's iteration
+  for (int64_t r0 = static_cast<int64_t>(blockIdx.y) * kGroup + threadIdx.y; r0 < R;
+       r0 += static_cast<int64_t>(gridDim.y) * kGroup) {
+    T v[kRowsInFlight];
+#pragma unroll
+    for (int j = 0; j < kRowsInFlight; ++j) {
+      const int64_t r = r0 + j * kClRows;
+      if (r < R) v[j] = affine_value<T, HAS_DY>(x, dy, r * C + c, pivot, offset, cx, cdy, c0);
+    }
+#pragma unroll
+    for (int j = 0; j < kRowsInFlight; ++j) {
+      const int64_t r = r0 + j * kClRows;
+      if (r < R) out[r * C + c] = v[j];
+    }
   }
 }
 
@@ -237,11 +278,11 @@ template <typename T, bool HAS_DY>
 void launch_affine(const T* x, const T* dy, T* out, const AffineCoefs& k, const Layout& lay, cudaStream_t stream) {
   if (lay.channels_last) {
     const int64_t R = lay.N * lay.L;
-    const dim3 grid(ceil_div(lay.C, kClChannels), std::min<unsigned>(ceil_div(R, kClRows), 65535u));
+    const dim3 grid(ceil_div(lay.C, kClChannels), std::min<unsigned>(ceil_div(R, kClRows * kRowsInFlight), 65535u));
     affine_channels_last_kernel<T, HAS_DY><<<grid, dim3(kClChannels, kClRows), 0, stream>>>(x, dy, out, k, R, lay.C);
   } else {
     const int64_t planes = lay.N * lay.C;
-    const dim3 grid(std::min<unsigned>(ceil_div(lay.L, kThreads), 1024u),
+    const dim3 grid(std::min<unsigned>(ceil_div(lay.L, kTile), 1024u),
                     static_cast<unsigned>(std::min<int64_t>(planes, 65535)));
     affine_contiguous_kernel<T, HAS_DY><<<grid, kThreads, 0, stream>>>(x, dy, out, k, planes, lay.C, lay.L);
   }
@@ -252,7 +293,7 @@ void launch_affine(const T* x, const T* dy, T* out, const AffineCoefs& k, const 
 int batch_renorm_partials(const Layout& lay, int multiprocessors) {
   const int64_t channel_blocks = lay.channels_last ? ceil_div(lay.C, kClChannels) : lay.C;
   const int64_t units = lay.channels_last ? ceil_div(lay.N * lay.L, kClRows) : lay.N * ceil_div(lay.L, kTile);
-  const int64_t wanted = ceil_div(4 * static_cast<int64_t>(multiprocessors), channel_blocks);
+  const int64_t wanted = ceil_div(8 * static_cast<int64_t>(multiprocessors), channel_blocks);
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({wanted, units, kMaxPartials})));
 }
 
