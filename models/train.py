@@ -525,7 +525,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="CPU threads (quick: 1, paper: torch's default)")
     p.add_argument("--norm-backend", default="auto",
                    choices=("auto", "triton", "cuda", "cpu", "reference"),
-                   help="kernels of the fused norm layers (default auto: triton on CUDA, cpu on CPU)")
+                   help="kernels of the fused norm layers (default auto: the CUDA extension, else Triton, on a GPU; the C++ kernel on CPU)")
     p.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
     p.add_argument("--cuda-graph", action="store_true", help="capture the training step (CUDA)")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")

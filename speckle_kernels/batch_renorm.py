@@ -542,7 +542,7 @@ def batch_renorm(
 ) -> torch.Tensor:
     """Batch renormalization of x (N, C, *). Updates the running buffers in place when training.
 
-    backend: "auto" (Triton on CUDA, the C++ kernel on CPU when built, else the reference),
+    backend: "auto" (on CUDA the CUDA extension, else Triton; on CPU the C++ kernel; else the reference),
     "triton", "cuda", "cpu" or "reference".
     """
     _check_inputs(x, running_mean, running_std, num_batches_tracked, weight, bias, momentum, eps)

@@ -167,6 +167,16 @@ def test_auto_picks_the_cpu_extension(monkeypatch):
     assert calls == [1]
 
 
+def test_auto_order_on_cuda(monkeypatch):
+    # The rule alone (no GPU needed): the built CUDA extension first, then Triton, then the reference.
+    cuda = torch.device("cuda")
+    assert _backend.resolve_backend("auto", cuda, has_cuda_ext=True) == "cuda"
+    monkeypatch.setattr(_backend, "triton_usable", lambda device: True)
+    assert _backend.resolve_backend("auto", cuda, has_cuda_ext=False) == "triton"
+    monkeypatch.setattr(_backend, "triton_usable", lambda device: False)
+    assert _backend.resolve_backend("auto", cuda, has_cuda_ext=False) == "reference"
+
+
 def test_module_uses_extension_and_no_host_sync_in_backward(monkeypatch):
     m = sk.FusedBatchRenorm2d(3)
     x = torch.randn(4, 3, 5, 5, requires_grad=True)
