@@ -25,6 +25,20 @@ def _cpu_vector_flags():
     return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
 
 
+def _openmp_flags():
+    """-fopenmp where torch's intra-op pool is OpenMP (Linux builds): at::parallel_for is inline
+    in ATen's headers and runs serially in code compiled without it. The extension then needs
+    libgomp.so.1, which resolves to the copy torch has already loaded, so torch.set_num_threads
+    governs it. SPECKLE_OPENMP=0 turns it off."""
+    if os.environ.get("SPECKLE_OPENMP", "1") == "0":
+        return []
+    try:
+        import torch
+        return ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []
+    except Exception:
+        return []
+
+
 def _extensions():
     """(ext_modules, cmdclass): the CPU extension always; the CUDA one when a toolkit and a CUDA
     build of torch are present and SPECKLE_SKIP_CUDA_BUILD is unset. MAX_JOBS and
@@ -34,11 +48,11 @@ def _extensions():
         from torch.utils import cpp_extension
     except ImportError:  # no torch at build time: pure-Python install, the package falls back
         return [], {}
-    cxx = ["-O3", *_cpu_vector_flags()]  # the C++ standard: the one torch's build_ext picks
+    cxx = ["-O3", *_cpu_vector_flags(), *_openmp_flags()]  # the C++ standard: build_ext's
     exts = [cpp_extension.CppExtension(
         "speckle_kernels._C",
         sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")),
-        extra_compile_args={"cxx": cxx})]
+        extra_compile_args={"cxx": cxx}, extra_link_args=_openmp_flags())]
     if (torch.version.cuda and cpp_extension.CUDA_HOME
             and not os.environ.get("SPECKLE_SKIP_CUDA_BUILD")):
         exts.append(cpp_extension.CUDAExtension(
