@@ -236,3 +236,16 @@ def test_op_schemas():
     _, stats = torch.ops.speckle_kernels.batch_renorm_forward(*_op_args(x, 3))
     torch.library.opcheck(torch.ops.speckle_kernels.batch_renorm_backward.default,
                           (torch.randn(2, 3, 4), x, torch.ones(3), stats, True), test_utils=("test_schema",))
+
+
+def test_built_with_openmp_where_torch_uses_it():
+    # at::parallel_for is inline in ATen's headers: built without -fopenmp it runs the whole range
+    # on one thread, silently (this happened; setup.py's _openmp_flags is the fix).
+    if "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("this torch's intra-op pool is not OpenMP")
+    import pathlib
+    import speckle_kernels
+
+    libs = sorted(pathlib.Path(speckle_kernels.__file__).parent.glob("_C.*.so"))
+    assert libs, "no _C extension file next to speckle_kernels/__init__.py"
+    assert b"GOMP_parallel" in libs[0].read_bytes(), f"{libs[0].name} was built without -fopenmp"

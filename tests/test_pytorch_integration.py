@@ -83,6 +83,35 @@ def test_opcheck_every_op():
         torch.library.opcheck(batch_renorm_triton_backward, (torch.randn_like(x), x, w, stats, training))
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_eager_path_equals_the_registered_ops(training):
+    # Eager calls skip torch.library's dispatch (batch_renorm.py, _EagerNormalize); compiled
+    # code calls the ops. Same kernels, so the results must agree bit for bit.
+    c = 5
+    x = (torch.randn(3, c, 7, 4) * 3 + 2).to(memory_format=torch.channels_last)
+    w, b = torch.randn(c), torch.randn(c)
+    bufs = (torch.randn(c), torch.rand(c) + 0.5, torch.tensor(7000))
+    dy = torch.randn_like(x)
+
+    bufs_e = [t.clone() for t in bufs]
+    xe, we, be = (t.clone().requires_grad_() for t in (x, w, b))
+    ye = sk.batch_renorm(xe, *bufs_e, we, be, training=training, backend="triton")
+    ge = torch.autograd.grad(ye, (xe, we, be), dy)
+
+    bufs_o = [t.clone() for t in bufs]
+    xo, wo, bo = (t.clone().requires_grad_() for t in (x, w, b))
+    stats = batch_renorm_triton_statistics(xo.detach(), wo.detach(), bo.detach(), *bufs_o, training,
+                                           0.01, 1e-3, SCHEDULE)
+    yo = batch_renorm_triton_normalize(xo, wo, bo, stats, training)
+    go = torch.autograd.grad(yo, (xo, wo, bo), dy)
+
+    assert torch.equal(ye, yo)
+    for a, o in zip(ge, go):
+        assert torch.equal(a, o)
+    for a, o in zip(bufs_e, bufs_o):
+        assert torch.equal(a, o)
+
+
 def test_opcheck_cpu_extension_ops():
     _needs_backend("cpu")
     ops = torch.ops.speckle_kernels
