@@ -24,9 +24,74 @@ using fVec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = 64;
 constexpr int64_t kTaskElements = 8192;
 
+#if defined(__AVX2__) && defined(__FMA__) && defined(CPU_CAPABILITY_AVX2)
+// Box-Muller's log and cos on 8 lanes, for the arguments they get here. They took ~60% of
+// this kernel's time through Sleef's general-purpose u10 functions (torch.cos / torch.log:
+// 1.3 / 1.0 ns an element on one thread here). Errors, measured in float64 over 4e6 points:
+// <= 1.7 ulp (log), <= 2 ulp (sin polynomial); the tests' tolerance against the documented
+// stream is derived from a few ulp (tests/test_ext_noise.py).
+
+// ln(u) for u in [1e-7, 1]: u = m * 2^e with m in [sqrt(1/2), sqrt(2)), f = m - 1 (exact),
+// ln(1 + f) = 2 atanh(s), s = f / (2 + f), |s| <= 0.1716: the atanh series to s^11 leaves
+// < 2e-9 relative; e * ln 2 in two parts (e * LN2_HI is exact for |e| < 2^7).
+inline __m256 log_unit(__m256 u) {
+  const __m256i bits = _mm256_castps_si256(u);
+  __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(127));
+  __m256 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007FFFFF)),
+                                                 _mm256_set1_epi32(0x3F800000)));
+  const __m256 big = _mm256_cmp_ps(m, _mm256_set1_ps(1.41421356f), _CMP_GT_OQ);
+  m = _mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5f)), big);
+  e = _mm256_sub_epi32(e, _mm256_castps_si256(big));  // big lanes are all ones (-1): e + 1
+  const __m256 f = _mm256_sub_ps(m, _mm256_set1_ps(1.0f));
+  const __m256 s = _mm256_div_ps(f, _mm256_add_ps(f, _mm256_set1_ps(2.0f)));
+  const __m256 z = _mm256_mul_ps(s, s);
+  __m256 p = _mm256_fmadd_ps(z, _mm256_set1_ps(1.0f / 11), _mm256_set1_ps(1.0f / 9));
+  p = _mm256_fmadd_ps(z, p, _mm256_set1_ps(1.0f / 7));
+  p = _mm256_fmadd_ps(z, p, _mm256_set1_ps(1.0f / 5));
+  p = _mm256_fmadd_ps(z, p, _mm256_set1_ps(1.0f / 3));
+  const __m256 two_s = _mm256_add_ps(s, s);
+  const __m256 log1p = _mm256_fmadd_ps(_mm256_mul_ps(two_s, z), p, two_s);
+  const __m256 ef = _mm256_cvtepi32_ps(e);
+  return _mm256_fmadd_ps(ef, _mm256_set1_ps(0.693145751953125f),
+                         _mm256_fmadd_ps(ef, _mm256_set1_ps(1.428606765330187e-06f), log1p));
+}
+
+// 2 pi (0.25 - |r|) for the float angle theta in [0, 2 pi], r = theta / (2 pi) - round(.):
+// cos(theta) = sin of it. Reduced in double so the float angle of the stream is kept exactly.
+inline __m128 quarter_turn_angle(__m128 theta) {
+  const __m256d t = _mm256_mul_pd(_mm256_cvtps_pd(theta), _mm256_set1_pd(0.15915494309189535));
+  const __m256d r = _mm256_sub_pd(t, _mm256_round_pd(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  const __m256d a = _mm256_andnot_pd(_mm256_set1_pd(-0.0), r);
+  return _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_sub_pd(_mm256_set1_pd(0.25), a),
+                                       _mm256_set1_pd(6.283185307179586)));
+}
+
+// cos(theta), theta in [0, 2 pi]: sin(x) on [-pi/2, pi/2] as x + x^3 q(x^2), q a least-squares
+// minimax fit of degree 4.
+inline __m256 cos_angle(__m256 theta) {
+  const __m256 x = _mm256_set_m128(quarter_turn_angle(_mm256_extractf128_ps(theta, 1)),
+                                   quarter_turn_angle(_mm256_castps256_ps128(theta)));
+  const __m256 x2 = _mm256_mul_ps(x, x);
+  __m256 q = _mm256_fmadd_ps(x2, _mm256_set1_ps(-2.3991626463271132e-08f), _mm256_set1_ps(2.753129820121103e-06f));
+  q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(-0.00019840984896291047f));
+  q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(0.008333331905305386f));
+  q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(-0.1666666716337204f));
+  return _mm256_fmadd_ps(_mm256_mul_ps(x, x2), q, x);
+}
+
+inline fVec radius(const fVec& u) {  // sqrt(-2 ln max(u, 1e-7))
+  const __m256 v = _mm256_max_ps(u, _mm256_set1_ps(kTinyUniform));
+  return fVec(_mm256_sqrt_ps(_mm256_mul_ps(log_unit(v), _mm256_set1_ps(-2.0f))));
+}
+
+inline fVec cos_of(const fVec& theta) { return fVec(cos_angle(theta)); }
+#else
 inline fVec radius(const fVec& u) {  // sqrt(-2 ln max(u, 1e-7))
   return (at::vec::maximum(u, fVec(kTinyUniform)).log() * fVec(-2.0f)).sqrt();
 }
+
+inline fVec cos_of(const fVec& theta) { return theta.cos(); }
+#endif
 
 #if defined(__AVX2__)
 // Philox on 8 lanes with AVX2. _mm256_mul_epu32 multiplies the even 32-bit lanes into 64-bit
@@ -103,8 +168,8 @@ void noise_block(uint64_t seed, uint64_t e0, int64_t n, bool rayleigh, float* n1
     const int64_t m = std::min<int64_t>(fVec::size(), n - l);
     const fVec rho0 = radius(fVec::loadu(u0 + l));
     const fVec a = rayleigh ? (rho0 - fVec(kRayleighMean)) * fVec(kRayleighInvStd)
-                            : rho0 * (two_pi * fVec::loadu(u1 + l)).cos();
-    const fVec b = radius(fVec::loadu(u2 + l)) * (two_pi * fVec::loadu(u3 + l)).cos();
+                            : rho0 * cos_of(two_pi * fVec::loadu(u1 + l));
+    const fVec b = radius(fVec::loadu(u2 + l)) * cos_of(two_pi * fVec::loadu(u3 + l));
     a.store(n1 + l, m);
     b.store(n2 + l, m);
   }
