@@ -130,3 +130,36 @@ def test_bad_arguments_raise(call, pattern):
         call()
     with pytest.raises(ValueError, match="distribution"):
         _ext.add_speckle_noise(torch.rand(3), distribution="poisson")
+
+
+def test_standard_normals_against_the_stream_in_float64():
+    # The kernel's log and cos are short polynomials (speckle_noise_cpu.cpp): measured <= 1.7 ulp
+    # (log) and <= 2 ulp (sin on [-pi/2, pi/2]). So n = rho*cos(theta), rho = sqrt(-2 ln u), may
+    # differ from the float64 value of the same float inputs (u, and the float angle theta of the
+    # stream) by ~6 ulp relative through rho and the products, plus 2 ulp of 1 times rho through
+    # cos: bound 8 * 2^-24 * |n| + 2^-22 * rho.
+    from speckle_kernels.noise import _U32, _uniform_torch, philox4x32_10
+
+    numel, seed, offset = 1 << 20, 20251125, 3
+    e = offset + torch.arange(numel, dtype=torch.int64)
+    zero = torch.zeros_like(e)
+    r0, r1, r2, r3 = philox4x32_10(seed, e & _U32, e >> 32, zero, zero)
+
+    def oracle(ru, rc):
+        u = _uniform_torch(ru).clamp_min(1e-7).double()
+        theta = (torch.tensor(6.283185307179586, dtype=torch.float32) * _uniform_torch(rc)).double()
+        rho = torch.sqrt(-2.0 * torch.log(u))
+        return rho * torch.cos(theta), rho
+
+    kw = dict(seed=seed, offset=offset, distribution="gaussian", clip=False)
+    # v = 1, factor*sigma = 1, sigma_add = 0: y = 1 + n1 (one more rounding: ulp(1 + n1) / 2)
+    y1 = _ext.add_speckle_noise(torch.ones(1, numel), factor=1.0, sigma_mult=1.0, sigma_add=0.0, **kw)
+    # v = 0, sigma_add = 1: y = n2 exactly
+    y2 = _ext.add_speckle_noise(torch.zeros(1, numel), factor=1.0, sigma_mult=1.0, sigma_add=1.0, **kw)
+    for got, (want, rho), extra in ((y1.flatten().double() - 1.0, oracle(r0, r1), 2.0**-21),
+                                    (y2.flatten().double(), oracle(r2, r3), 0.0)):
+        bound = 8 * 2.0**-24 * want.abs() + 2.0**-22 * rho + extra
+        excess = (got - want).abs() - bound
+        assert excess.max().item() <= 0, (
+            f"{int((excess > 0).sum())} of {numel} beyond the bound; worst |diff| "
+            f"{(got - want).abs().max().item():.3g}")
