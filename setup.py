@@ -26,17 +26,21 @@ def _cpu_vector_flags():
 
 
 def _openmp_flags():
-    """-fopenmp where torch's intra-op pool is OpenMP (Linux builds): at::parallel_for is inline
-    in ATen's headers and runs serially in code compiled without it. The extension then needs
-    libgomp.so.1, which resolves to the copy torch has already loaded, so torch.set_num_threads
-    governs it. SPECKLE_OPENMP=0 turns it off."""
+    """(compile, link) flags: -fopenmp where torch's intra-op pool is OpenMP (Linux builds).
+    at::parallel_for is inline in ATen's headers and runs serially in code compiled without it.
+    The extension links the libgomp that torch ships when there is one (wheels may rename it),
+    so it shares torch's OpenMP runtime and torch.set_num_threads governs it; else the
+    compiler's. SPECKLE_OPENMP=0 turns it off."""
     if os.environ.get("SPECKLE_OPENMP", "1") == "0":
-        return []
+        return [], []
     try:
         import torch
-        return ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []
+        if "OpenMP" not in torch.__config__.parallel_info():
+            return [], []
+        bundled = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*.so*")))
     except Exception:
-        return []
+        return [], []
+    return ["-fopenmp"], ([bundled[0]] if bundled else ["-fopenmp"])
 
 
 def _extensions():
@@ -48,11 +52,12 @@ def _extensions():
         from torch.utils import cpp_extension
     except ImportError:  # no torch at build time: pure-Python install, the package falls back
         return [], {}
-    cxx = ["-O3", *_cpu_vector_flags(), *_openmp_flags()]  # the C++ standard: build_ext's
+    omp_compile, omp_link = _openmp_flags()
+    cxx = ["-O3", *_cpu_vector_flags(), *omp_compile]  # the C++ standard: build_ext's
     exts = [cpp_extension.CppExtension(
         "speckle_kernels._C",
         sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")),
-        extra_compile_args={"cxx": cxx}, extra_link_args=_openmp_flags())]
+        extra_compile_args={"cxx": cxx}, extra_link_args=omp_link)]
     if (torch.version.cuda and cpp_extension.CUDA_HOME
             and not os.environ.get("SPECKLE_SKIP_CUDA_BUILD")):
         exts.append(cpp_extension.CUDAExtension(
