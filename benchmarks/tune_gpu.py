@@ -24,16 +24,16 @@ from pathlib import Path
 import torch
 
 from . import (HEADLINE_CHANNELS, RenormState, copy_bandwidth, forward_backward, renorm_impl,
-               renorm_input, tensor_bytes)
+               renorm_input, tensor_bytes, time_calls)
 
 HEADLINE = (32, HEADLINE_CHANNELS, 128, 128)
 
 
 def kernel_sweep(dtype, copy_gbps, quick):
-    import triton
-
     br = importlib.import_module("speckle_kernels.batch_renorm")  # the package exports the function
 
+    knobs = ("TILE_ELEMENTS", "SUMS_NUM_WARPS", "AFFINE_NUM_WARPS", "REDUCTION_PROGRAMS_PER_SM")
+    shipped = {k: getattr(br, k) for k in knobs}
     rows = []
     tiles = (1024, 2048, 4096, 8192)
     warps = (4, 8)
@@ -67,9 +67,8 @@ def kernel_sweep(dtype, copy_gbps, quick):
                                    dict(tile=tile, warps=nw, block=(layout.block_c, layout.block_i)),
                                    fn, (3 if backward else 2) * nbytes, copy_gbps))
         del x, dy
-    # back to the shipped defaults
-    br.TILE_ELEMENTS, br.SUMS_NUM_WARPS, br.AFFINE_NUM_WARPS, br.REDUCTION_PROGRAMS_PER_SM = 2048, 4, 4, 8
-    del triton
+    for k, v in shipped.items():  # back to the shipped configuration
+        setattr(br, k, v)
     return rows
 
 
@@ -131,17 +130,7 @@ def op_timings(dtype, copy_gbps):
                     with torch.no_grad():
                         return fn(x, state)
 
-                for _ in range(5):
-                    call()
-                torch.cuda.synchronize()
-                alone = []
-                for _ in range(20):
-                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    a.record()
-                    call()
-                    b.record()
-                    b.synchronize()
-                    alone.append(a.elapsed_time(b) / 1e3)
+                alone = time_calls(call, torch.device("cuda"), reps=20, warmup=5)
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 t0 = time.perf_counter()
                 a.record()

@@ -76,18 +76,13 @@ def resolve_backend(backend: str, device: torch.device, *, has_cpu_ext: bool = F
         if device.type not in ("cpu", "cuda"):
             raise RuntimeError(f"backend='triton' does not support {device.type} tensors")
         return backend
-    if backend == "cuda":
-        if device.type != "cuda":
-            raise RuntimeError(f"backend='cuda' needs CUDA tensors, got a tensor on {device}")
-        if not has_cuda_ext:
-            raise RuntimeError("backend='cuda' was asked for but the CUDA extension is not built "
-                               "(see README: building the extensions)")
-        return backend
-    # backend == "cpu"
-    if device.type != "cpu":
-        raise RuntimeError(f"backend='cpu' needs CPU tensors, got a tensor on {device}")
-    if not has_cpu_ext:
-        raise RuntimeError("backend='cpu' was asked for but the C++ CPU extension is not built "
+    # "cuda" or "cpu": the extension of that name, for tensors on that device type
+    built, extension = ((has_cuda_ext, "CUDA extension") if backend == "cuda"
+                        else (has_cpu_ext, "C++ CPU extension"))
+    if device.type != backend:
+        raise RuntimeError(f"backend={backend!r} needs {backend.upper()} tensors, got a tensor on {device}")
+    if not built:
+        raise RuntimeError(f"backend={backend!r} was asked for but the {extension} is not built "
                            "(see README: building the extensions)")
     return backend
 

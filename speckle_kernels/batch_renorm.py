@@ -460,13 +460,19 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _normalize_backward(ctx, dy):
+def _normalize_grads(ctx, dy, backward):
+    """The normalize op's input gradients, with backward(dy, x, weight, stats, training) giving
+    (dx, grads): the registered op under torch.compile, the plain function in eager mode."""
     x, weight, stats = ctx.saved_tensors
-    dx, grads = batch_renorm_triton_backward(dy, x, weight, stats, ctx.training)
+    dx, grads = backward(dy, x, weight, stats, ctx.training)
     param_dtype = weight.dtype if weight is not None else torch.float32
     dweight = grads[GRAD_WEIGHT].to(param_dtype) if weight is not None else None
     dbias = grads[GRAD_BIAS].to(param_dtype) if ctx.has_bias else None
     return dx, dweight, dbias, None, None
+
+
+def _normalize_backward(ctx, dy):
+    return _normalize_grads(ctx, dy, batch_renorm_triton_backward)
 
 
 batch_renorm_triton_normalize.register_autograd(_normalize_backward, setup_context=_setup_context)
@@ -480,19 +486,13 @@ class _EagerNormalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, stats, training):
-        ctx.save_for_backward(x, weight, stats)
-        ctx.training = training
-        ctx.has_bias = bias is not None
+        _setup_context(ctx, (x, weight, bias, stats, training), None)
         return batch_renorm_normalize(_Layout(x), stats)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, stats = ctx.saved_tensors
-        dx, grads = batch_renorm_backward(dy, _Layout(x), weight, stats, training=ctx.training)
-        param_dtype = weight.dtype if weight is not None else torch.float32
-        dweight = grads[GRAD_WEIGHT].to(param_dtype) if weight is not None else None
-        dbias = grads[GRAD_BIAS].to(param_dtype) if ctx.has_bias else None
-        return dx, dweight, dbias, None, None
+        return _normalize_grads(ctx, dy, lambda dy, x, weight, stats, training: batch_renorm_backward(
+            dy, _Layout(x), weight, stats, training=training))
 
 
 # ----------------------------------------------------------------------------- dispatcher
