@@ -1,5 +1,6 @@
 """speckle-kernels: fused kernels for training speckle-denoising networks in PyTorch."""
 from ._backend import HAS_TRITON
+from ._ext import cpu_output_cache_idle_bytes, empty_cpu_output_cache
 from .batch_renorm import batch_renorm
 from .layers import FusedBatchRenorm1d, FusedBatchRenorm2d, FusedBatchRenorm3d
 from .noise import add_speckle_noise, make_noisy_batch
@@ -11,5 +12,5 @@ __all__ = [
     "HAS_TRITON", "batch_renorm", "batch_renorm_reference", "FusedBatchRenorm1d",
     "FusedBatchRenorm2d", "FusedBatchRenorm3d", "RenormSchedule", "RMAX_SCHEDULE", "DMAX_SCHEDULE",
     "SyncFusedBatchRenorm", "convert_batchrenorm", "convert_sync_batchrenorm",
-    "add_speckle_noise", "make_noisy_batch",
+    "add_speckle_noise", "make_noisy_batch", "cpu_output_cache_idle_bytes", "empty_cpu_output_cache",
 ]

@@ -88,6 +88,17 @@ def batch_renorm(x, weight, bias, running_mean, running_std, num_batches_tracked
                                         float(eps), r_max, d_max)
 
 
+def cpu_output_cache_idle_bytes() -> int:
+    """Bytes of released CPU kernel outputs kept for reuse (csrc/cpu/output_cache.cpp: outputs of
+    32 MB and more; SPECKLE_CPU_OUTPUT_CACHE_MB caps them, default 1024, 0 turns the cache off)."""
+    return int(torch.ops.speckle_kernels.cpu_output_cache_idle_bytes()) if HAS_CPU_EXT else 0
+
+
+def empty_cpu_output_cache() -> int:
+    """Free the idle buffers of the CPU output cache; returns the bytes freed."""
+    return int(torch.ops.speckle_kernels.empty_cpu_output_cache()) if HAS_CPU_EXT else 0
+
+
 def _noise_args(factor, sigma_mult, sigma_add, distribution, seed, offset, clip):
     low, high = sigma_mult if isinstance(sigma_mult, (tuple, list)) else (sigma_mult, sigma_mult)
     if distribution not in ("gaussian", "rayleigh"):

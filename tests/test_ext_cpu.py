@@ -158,6 +158,51 @@ def test_results_do_not_depend_on_thread_count():
             assert torch.equal(a, b)
 
 
+SCHEDULES = ("split", "per-channel")
+
+
+def _run_schedule(monkeypatch, schedule, x, dy, c, training=True):
+    monkeypatch.setenv("SPECKLE_CPU_RENORM_SCHEDULE", schedule)
+    torch.manual_seed(3)
+    state = _state(c, 500)
+    weight, bias = torch.randn(c, requires_grad=True), torch.randn(c, requires_grad=True)
+    xg = x.detach().clone().requires_grad_()
+    y = sk.batch_renorm(xg, *state, weight, bias, training=training, backend="cpu")
+    return (y, *torch.autograd.grad(y, (xg, weight, bias), dy), state[0], state[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(4, 8, 64, 70), (2, 3, 130, 131), (5, 1, 7, 3), (3, 70, 2, 3)], ids=str)
+def test_split_and_per_channel_schedules_agree_bit_for_bit(monkeypatch, shape, dtype):
+    # Same chunks, fp32 partials and merge order: which schedule runs changes no bit.
+    # (2, 3, 130, 131): two chunks a plane, the second short.
+    x = _input(shape, dtype)
+    dy = torch.randn(shape).to(dtype)
+    for training in (True, False):
+        split, per_channel = (_run_schedule(monkeypatch, s, x, dy, shape[1], training) for s in SCHEDULES)
+        for name, a, b in zip(("y", "dx", "dweight", "dbias", "running_mean", "running_std"),
+                              split, per_channel):
+            assert torch.equal(a, b), f"{name} differs between schedules (training={training})"
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("shape", [(4, 3, 5, 7), (1, 1, 1, 1), (2, 3, 130, 131), (3, 70, 2, 3)], ids=str)
+def test_each_schedule_matches_reference(monkeypatch, schedule, shape):
+    monkeypatch.setenv("SPECKLE_CPU_RENORM_SCHEDULE", schedule)
+    check_against_reference(shape, steps=2)
+    check_against_reference(shape, torch.bfloat16)
+    check_against_reference((8, 3, 6, 6), big_mean=True)
+
+
+def test_unknown_schedule_is_refused(monkeypatch):
+    monkeypatch.setenv("SPECKLE_CPU_RENORM_SCHEDULE", "fastest")
+    state = _state(3, 0)
+    before = [s.clone() for s in state]
+    with pytest.raises(ValueError, match="SPECKLE_CPU_RENORM_SCHEDULE.*'fastest'"):
+        sk.batch_renorm(torch.randn(2, 3, 4, 4), *state, backend="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(state, before)), "buffers changed"
+
+
 def test_auto_picks_the_cpu_extension(monkeypatch):
     assert _backend.resolve_backend("auto", torch.device("cpu"), has_cpu_ext=True) == "cpu"
     calls = []

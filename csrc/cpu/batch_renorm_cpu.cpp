@@ -8,6 +8,16 @@
 // input, a block of rows for channels-last), each writing its own fp32 partial sums; partials
 // are merged per channel in double in a fixed order, so results do not depend on the thread
 // count. fp16/bf16 are widened to fp32 on load and rounded once on store.
+//
+// Two schedules run those passes over contiguous input, with the same chunks, the same fp32
+// partials and the same merge order (so the same bits):
+//   split        each pass over all channels at once, every thread on chunks of every channel
+//   per-channel  one channel per task: its sums, its finalize and its affine pass back to back,
+//                so the affine pass re-reads the channel's N*L values (2 MB at (32, 64, 128, 128)
+//                fp32) from cache, not memory: the forward reads x from memory once instead of
+//                twice, the backward x and dy once instead of twice.
+// per-channel is used when whole channels balance across the threads (per_channel_schedule);
+// channels-last rows interleave every channel, so it always splits.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -15,11 +25,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include "../api_common.h"
 #include "cpu_kernels.h"
@@ -118,6 +126,74 @@ struct ChannelCoefs {
   const float* coef_0;
 };
 
+// Sums of one chunk of a contiguous plane of channel c (len values at xp, and dp when backward):
+// forward (dp null) u and u^2, backward dy and dy*z. Returned as fp32 (a, b).
+template <typename T>
+inline std::pair<float, float> chunk_sums(const T* xp, const T* dp, int64_t len, int64_t c,
+                                          const ChannelCoefs& k) {
+  const bool bwd = dp != nullptr;
+  const fVec p(k.pivot[c]), o(bwd ? k.offset[c] : 0.0f), s(bwd ? k.coef_x[c] : 1.0f);
+  fVec a0(0.0f), a1(0.0f), b0(0.0f), b1(0.0f);
+  for (int64_t i = 0; i < len; i += kW) {
+    const int64_t n = std::min(kW, len - i);
+    fVec x0, x1;
+    load2(xp + i, x0, x1, n);
+    fVec u0 = x0 - p, u1 = x1 - p;
+    if (bwd) {
+      fVec d0, d1;
+      load2(dp + i, d0, d1, n);  // zero past n, so the tail adds nothing
+      a0 += d0;
+      a1 += d1;
+      b0 = at::vec::fmadd(d0, (u0 - o) * s, b0);
+      b1 = at::vec::fmadd(d1, (u1 - o) * s, b1);
+    } else {
+      if (n < kW) keep_first(u0, u1, n);
+      a0 += u0;
+      a1 += u1;
+      b0 = at::vec::fmadd(u0, u0, b0);
+      b1 = at::vec::fmadd(u1, u1, b1);
+    }
+  }
+  return {hsum(a0 + a1), hsum(b0 + b1)};
+}
+
+// out = ((x - pivot) - offset) * coef_x + dy * coef_dy + coef_0 over one chunk of a contiguous
+// plane of channel c (dy optional).
+template <typename T>
+inline void chunk_affine(const T* xp, const T* dp, T* op, int64_t len, int64_t c,
+                         const ChannelCoefs& k) {
+  const fVec p(k.pivot[c]), o(k.offset[c]), cx(k.coef_x[c]), c0(k.coef_0[c]);
+  const fVec cdy(dp ? k.coef_dy[c] : 0.0f);
+  for (int64_t i = 0; i < len; i += kW) {
+    const int64_t n = std::min(kW, len - i);
+    fVec x0, x1;
+    load2(xp + i, x0, x1, n);
+    fVec y0 = at::vec::fmadd((x0 - p) - o, cx, c0), y1 = at::vec::fmadd((x1 - p) - o, cx, c0);
+    if (dp) {
+      fVec d0, d1;
+      load2(dp + i, d0, d1, n);
+      y0 = at::vec::fmadd(d0, cdy, y0);
+      y1 = at::vec::fmadd(d1, cdy, y1);
+    }
+    store2(op + i, y0, y1, n);
+  }
+}
+
+// One channel's fp32 partials merged in double, n-major then chunk: N planes `plane_stride`
+// floats apart, each with nchunks (a, b) pairs. Both schedules merge in this order.
+inline void merge_channel(const float* first, int64_t N, int64_t plane_stride, int64_t nchunks,
+                          double& sa, double& sb) {
+  sa = 0.0;
+  sb = 0.0;
+  for (int64_t nn = 0; nn < N; ++nn) {
+    const float* q = first + nn * plane_stride;
+    for (int64_t j = 0; j < nchunks; ++j) {
+      sa += q[2 * j];
+      sb += q[2 * j + 1];
+    }
+  }
+}
+
 // S_a, S_b per channel: forward (no dy) sums u and u^2, backward sums dy and dy*z.
 template <typename T>
 void channel_sums(const ChannelLayout& lay, const T* x, const T* dy, const ChannelCoefs& k,
@@ -132,47 +208,16 @@ void channel_sums(const ChannelLayout& lay, const T* x, const T* dy, const Chann
       for (int64_t t = begin; t < end; ++t) {
         int64_t plane, start, len;
         tasks.chunk(t, L, plane, start, len);
-        const int64_t c = plane % C;
-        const T* xp = x + plane * L + start;
-        const T* dp = bwd ? dy + plane * L + start : nullptr;
-        const fVec p(k.pivot[c]), o(bwd ? k.offset[c] : 0.0f), s(bwd ? k.coef_x[c] : 1.0f);
-        fVec a0(0.0f), a1(0.0f), b0(0.0f), b1(0.0f);
-        for (int64_t i = 0; i < len; i += kW) {
-          const int64_t n = std::min(kW, len - i);
-          fVec x0, x1;
-          load2(xp + i, x0, x1, n);
-          fVec u0 = x0 - p, u1 = x1 - p;
-          if (bwd) {
-            fVec d0, d1;
-            load2(dp + i, d0, d1, n);  // zero past n, so the tail adds nothing
-            a0 += d0;
-            a1 += d1;
-            b0 = at::vec::fmadd(d0, (u0 - o) * s, b0);
-            b1 = at::vec::fmadd(d1, (u1 - o) * s, b1);
-          } else {
-            if (n < kW) keep_first(u0, u1, n);
-            a0 += u0;
-            a1 += u1;
-            b0 = at::vec::fmadd(u0, u0, b0);
-            b1 = at::vec::fmadd(u1, u1, b1);
-          }
-        }
-        partial[2 * t] = hsum(a0 + a1);
-        partial[2 * t + 1] = hsum(b0 + b1);
+        const auto [a, b] = chunk_sums(x + plane * L + start, bwd ? dy + plane * L + start : nullptr,
+                                       len, plane % C, k);
+        partial[2 * t] = a;
+        partial[2 * t + 1] = b;
       }
     });
     at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        double sa = 0.0, sb = 0.0;
-        for (int64_t nn = 0; nn < lay.N; ++nn) {
-          const float* q = partial.data() + 2 * (nn * C + c) * nchunks;
-          for (int64_t j = 0; j < nchunks; ++j) {
-            sa += q[2 * j];
-            sb += q[2 * j + 1];
-          }
-        }
-        sum_a[c] = sa;
-        sum_b[c] = sb;
+        merge_channel(partial.data() + 2 * c * nchunks, lay.N, 2 * C * nchunks, nchunks, sum_a[c],
+                      sum_b[c]);
       }
     });
     return;
@@ -241,22 +286,8 @@ void channel_affine(const ChannelLayout& lay, const T* x, const T* dy, T* out, c
       for (int64_t t = begin; t < end; ++t) {
         int64_t plane, start, len;
         tasks.chunk(t, lay.L, plane, start, len);
-        const int64_t c = plane % C, base = plane * lay.L + start;
-        const fVec p(k.pivot[c]), o(k.offset[c]), cx(k.coef_x[c]), c0(k.coef_0[c]);
-        const fVec cdy(has_dy ? k.coef_dy[c] : 0.0f);
-        for (int64_t i = 0; i < len; i += kW) {
-          const int64_t n = std::min(kW, len - i);
-          fVec x0, x1;
-          load2(x + base + i, x0, x1, n);
-          fVec y0 = at::vec::fmadd((x0 - p) - o, cx, c0), y1 = at::vec::fmadd((x1 - p) - o, cx, c0);
-          if (has_dy) {
-            fVec d0, d1;
-            load2(dy + base + i, d0, d1, n);
-            y0 = at::vec::fmadd(d0, cdy, y0);
-            y1 = at::vec::fmadd(d1, cdy, y1);
-          }
-          store2(out + base + i, y0, y1, n);
-        }
+        const int64_t base = plane * lay.L + start;
+        chunk_affine(x + base, has_dy ? dy + base : nullptr, out + base, len, plane % C, k);
       }
     });
     return;
@@ -290,6 +321,56 @@ void channel_affine(const ChannelLayout& lay, const T* x, const T* dy, T* out, c
   });
 }
 
+// Whether contiguous passes run one channel per task: when whole channels balance across the
+// threads (at most 1/8 of the thread time idle). SPECKLE_CPU_RENORM_SCHEDULE=split|per-channel
+// forces one (the tests run both).
+bool per_channel_schedule(const ChannelLayout& lay) {
+  if (const char* forced = std::getenv("SPECKLE_CPU_RENORM_SCHEDULE"); forced && *forced) {
+    const bool split = std::strcmp(forced, "split") == 0, per_channel = std::strcmp(forced, "per-channel") == 0;
+    TORCH_CHECK_VALUE(split || per_channel || std::strcmp(forced, "auto") == 0,
+                "SPECKLE_CPU_RENORM_SCHEDULE must be auto, split or per-channel, got '", forced, "'");
+    if (split || lay.channels_last) return false;
+    if (per_channel) return true;
+  }
+  if (lay.channels_last) return false;
+  const int64_t threads = at::get_num_threads();
+  const int64_t rounds = (lay.C + threads - 1) / threads;
+  return 8 * rounds * threads <= 9 * lay.C;
+}
+
+// The per-channel schedule of contiguous input: for each channel, sums (sum_coefs, as
+// channel_sums) -> finalize(c, S_a, S_b), which writes channel c of the arrays affine_coefs
+// points to -> affine (as channel_affine). dy: backward, null: forward.
+template <typename T, typename Finalize>
+void per_channel_passes(const ChannelLayout& lay, const T* x, const T* dy, T* out,
+                        const ChannelCoefs& sum_coefs, const ChannelCoefs& affine_coefs,
+                        const Finalize& finalize) {
+  const Tasks tasks(lay);
+  const int64_t C = lay.C, L = lay.L, nchunks = tasks.nchunks, len = tasks.per_task;
+  at::parallel_for(0, C, grain_for(lay.N * L), [&](int64_t begin, int64_t end) {
+    std::vector<float> partial(2 * lay.N * nchunks);
+    for (int64_t c = begin; c < end; ++c) {
+      for (int64_t nn = 0; nn < lay.N; ++nn) {
+        for (int64_t j = 0; j < nchunks; ++j) {
+          const int64_t off = (nn * C + c) * L + j * len;
+          std::tie(partial[2 * (nn * nchunks + j)], partial[2 * (nn * nchunks + j) + 1]) =
+              chunk_sums(x + off, dy ? dy + off : nullptr, std::min(len, L - j * len), c, sum_coefs);
+        }
+      }
+      double sa, sb;
+      merge_channel(partial.data(), lay.N, 2 * nchunks, nchunks, sa, sb);
+      finalize(c, sa, sb);
+      for (int64_t nn = 0; nn < lay.N; ++nn) {
+        for (int64_t j = 0; j < nchunks; ++j) {
+          const int64_t off = (nn * C + c) * L + j * len;
+          chunk_affine(x + off, dy ? dy + off : nullptr, out + off, std::min(len, L - j * len), c,
+                       affine_coefs);
+        }
+      }
+    }
+  });
+}
+
 // The channel's first element (index (0, c, 0, ...)) as fp32, for each channel.
 template <typename T>
 std::vector<float> first_elements(const ChannelLayout& lay, const T* x) {
@@ -300,24 +381,6 @@ std::vector<float> first_elements(const ChannelLayout& lay, const T* x) {
 }
 
 }  // namespace
-
-// empty_like(like) (in `dtype` if given), asking Linux for transparent huge pages on its 2 MB-aligned interior.
-// A fresh 268 MB output otherwise costs ~65k page faults (measured: 80 ms of a 100 ms forward
-// at (32, 64, 128, 128) fp32); torch's own THP_MEM_ALLOC_ENABLE=1 does the same for every
-// allocation. Best effort: a failing madvise changes nothing.
-at::Tensor empty_output(const at::Tensor& like, std::optional<at::ScalarType> dtype) {
-  at::Tensor out = at::empty_like(like, like.options().dtype(dtype.value_or(like.scalar_type())));
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  if (out.nbytes() >= 4 * kHuge) {
-    const uintptr_t begin = reinterpret_cast<uintptr_t>(out.data_ptr());
-    const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t last = (begin + out.nbytes()) & ~(kHuge - 1);
-    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-#endif
-  return out;
-}
 
 std::tuple<at::Tensor, at::Tensor> batch_renorm_forward(
     const ChannelLayout& lay, const std::optional<at::Tensor>& weight,
@@ -333,28 +396,31 @@ std::tuple<at::Tensor, at::Tensor> batch_renorm_forward(
   at::Tensor y = empty_output(lay.x);
   SPECKLE_DISPATCH_FLOAT_TYPES(lay.x.scalar_type(), "batch_renorm_forward_cpu", [&] {
     const scalar_t* x = lay.x.const_data_ptr<scalar_t>();
-    std::vector<double> sum_u(C, 0.0), sum_u2(C, 0.0);
-    std::vector<float> pivot;
-    if (training) {
-      pivot = first_elements(lay, x);
-      channel_sums<scalar_t>(lay, x, nullptr, {pivot.data(), nullptr, nullptr, nullptr, nullptr},
-                             sum_u.data(), sum_u2.data());
-    }
     const float t = static_cast<float>(num_batches_tracked.item<int64_t>());
     const double count = static_cast<double>(lay.N) * static_cast<double>(lay.L);
-    const float* rmp = rm.const_data_ptr<float>();
-    const float* rsp = rs.const_data_ptr<float>();
+    const std::vector<float> pivot = training ? first_elements(lay, x) : std::vector<float>(C, 0.0f);
     float* st = stats.data_ptr<float>();
-    for (int64_t c = 0; c < C; ++c) {
-      ForwardChannelIn in{sum_u[c], sum_u2[c], count, training ? pivot[c] : 0.0f, rmp[c], rsp[c],
-                          w.defined() ? w.const_data_ptr<float>()[c] : 1.0f,
-                          b.defined() ? b.const_data_ptr<float>()[c] : 0.0f};
+    auto finalize = [&](int64_t c, double sum_u, double sum_u2) {
+      const ForwardChannelIn in{sum_u, sum_u2, count, pivot[c], rm.const_data_ptr<float>()[c],
+                                rs.const_data_ptr<float>()[c],
+                                w.defined() ? w.const_data_ptr<float>()[c] : 1.0f,
+                                b.defined() ? b.const_data_ptr<float>()[c] : 0.0f};
       finalize_forward_channel(in, training, eps, momentum, t, r_sched, d_sched, st + c, C,
                                new_rm.data_ptr<float>() + c, new_rs.data_ptr<float>() + c);
+    };
+    const ChannelCoefs sum_coefs{pivot.data(), nullptr, nullptr, nullptr, nullptr};
+    const ChannelCoefs affine_coefs{st + kPivot * C, st + kMeanOffset * C, st + kScale * C, nullptr,
+                                    st + kShift * C};
+    scalar_t* out = y.mutable_data_ptr<scalar_t>();
+    if (training && per_channel_schedule(lay)) {
+      per_channel_passes(lay, x, static_cast<const scalar_t*>(nullptr), out, sum_coefs, affine_coefs,
+                         finalize);
+      return;
     }
-    channel_affine<scalar_t>(lay, x, nullptr, y.mutable_data_ptr<scalar_t>(),
-                             {st + kPivot * C, st + kMeanOffset * C, st + kScale * C, nullptr,
-                              st + kShift * C});
+    std::vector<double> sum_u(C, 0.0), sum_u2(C, 0.0);
+    if (training) channel_sums<scalar_t>(lay, x, nullptr, sum_coefs, sum_u.data(), sum_u2.data());
+    for (int64_t c = 0; c < C; ++c) finalize(c, sum_u[c], sum_u2[c]);
+    channel_affine<scalar_t>(lay, x, nullptr, out, affine_coefs);
   });
   if (training) {
     running_mean.copy_(new_rm);
@@ -376,18 +442,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_renorm_backward(
     const scalar_t* x = lay.x.const_data_ptr<scalar_t>();
     const scalar_t* d = dy.const_data_ptr<scalar_t>();
     const float* st = stats.const_data_ptr<float>();
-    std::vector<double> sum_dy(C), sum_dyz(C);
-    channel_sums<scalar_t>(lay, x, d, {st + kPivot * C, st + kMeanOffset * C, st + kInvstd * C, nullptr, nullptr},
-                           sum_dy.data(), sum_dyz.data());
     const double count = static_cast<double>(lay.N) * static_cast<double>(lay.L);
     float* g = grads.data_ptr<float>();
-    for (int64_t c = 0; c < C; ++c) {
-      finalize_backward_channel(sum_dy[c], sum_dyz[c], count, st + c, w.defined() ? w.const_data_ptr<float>()[c] : 1.0f,
-                                training, g + c, C);
+    auto finalize = [&](int64_t c, double sum_dy, double sum_dyz) {
+      finalize_backward_channel(sum_dy, sum_dyz, count, st + c,
+                                w.defined() ? w.const_data_ptr<float>()[c] : 1.0f, training, g + c, C);
+    };
+    const ChannelCoefs sum_coefs{st + kPivot * C, st + kMeanOffset * C, st + kInvstd * C, nullptr, nullptr};
+    const ChannelCoefs affine_coefs{st + kPivot * C, st + kMeanOffset * C, g + kGradB * C,
+                                    g + kGradA * C, g + kGradC0 * C};
+    scalar_t* out = dx.mutable_data_ptr<scalar_t>();
+    if (per_channel_schedule(lay)) {
+      per_channel_passes(lay, x, d, out, sum_coefs, affine_coefs, finalize);
+      return;
     }
-    channel_affine<scalar_t>(lay, x, d, dx.mutable_data_ptr<scalar_t>(),
-                             {st + kPivot * C, st + kMeanOffset * C, g + kGradB * C, g + kGradA * C,
-                              g + kGradC0 * C});
+    std::vector<double> sum_dy(C), sum_dyz(C);
+    channel_sums<scalar_t>(lay, x, d, sum_coefs, sum_dy.data(), sum_dyz.data());
+    for (int64_t c = 0; c < C; ++c) finalize(c, sum_dy[c], sum_dyz[c]);
+    channel_affine<scalar_t>(lay, x, d, out, affine_coefs);
   });
   return {dx, grads[kGradWeight].clone(), grads[kGradBias].clone()};  // outputs must not alias
 }

@@ -18,8 +18,13 @@
 
 namespace speckle::cpu {
 
-// at::empty_like(like), with transparent huge pages requested for large tensors (Linux).
+// at::empty_like(like) (in `dtype` if given) for a kernel's output: large ones come from the
+// cache of output_cache.cpp, with transparent huge pages requested (Linux).
 at::Tensor empty_output(const at::Tensor& like, std::optional<at::ScalarType> dtype = std::nullopt);
+
+// Bytes the output cache holds idle, and freeing them (returns the bytes freed).
+int64_t cpu_output_cache_idle_bytes();
+int64_t empty_cpu_output_cache();
 
 // Returns (y, stats (kStatRows, C) fp32); updates the running buffers when training.
 std::tuple<at::Tensor, at::Tensor> batch_renorm_forward(
