@@ -90,7 +90,7 @@ def batch_renorm(x, weight, bias, running_mean, running_std, num_batches_tracked
 
 def cpu_output_cache_idle_bytes() -> int:
     """Bytes of released CPU kernel outputs kept for reuse (csrc/cpu/output_cache.cpp: outputs of
-    32 MB and more; SPECKLE_CPU_OUTPUT_CACHE_MB caps them, default 1024, 0 turns the cache off)."""
+    1 MB and more; SPECKLE_CPU_OUTPUT_CACHE_MB caps them, default 1024, 0 turns the cache off)."""
     return int(torch.ops.speckle_kernels.cpu_output_cache_idle_bytes()) if HAS_CPU_EXT else 0
 
 

@@ -1,4 +1,4 @@
-"""The CPU output cache (csrc/cpu/output_cache.cpp): outputs of 32 MB and more reuse released
+"""The CPU output cache (csrc/cpu/output_cache.cpp): outputs of 1 MB and more reuse released
 buffers, hold the right values in them, keep their layout, and respect the cap."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
     reason="C++ extension not built (pip install --no-build-isolation -e .)")
 
 BIG = (2, 3, 1200, 1300)      # 37.4 MB in fp32: through the cache
-SMALL = (2, 3, 500, 600)      # 7.2 MB: plain allocations
+SMALL = (2, 3, 100, 120)       # 288 KB: plain allocations
 
 
 @pytest.fixture(autouse=True)
@@ -125,3 +125,15 @@ def test_cached_output_resizes_and_survives_its_layer():
     assert torch.equal(y[0], first)
     y.fill_(1.5)
     assert float(y.sum()) == 1.5 * y.numel()
+
+
+def test_noise_outputs_reuse_released_buffers():
+    # two 2 MB outputs a call: the batch maker's page faults were the reason for the 1 MB floor
+    u8 = torch.randint(0, 256, (32, 1, 128, 128), dtype=torch.uint8)
+    noisy, clean = _ext.make_noisy_batch(u8, seed=4)
+    ptrs = {noisy.data_ptr(), clean.data_ptr()}
+    first = noisy.clone()
+    del noisy, clean
+    again, clean = _ext.make_noisy_batch(u8, seed=4)
+    assert {again.data_ptr(), clean.data_ptr()} == ptrs
+    assert torch.equal(again, first)

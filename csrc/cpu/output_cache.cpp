@@ -1,15 +1,17 @@
 // Outputs of the CPU kernels, from a small cache of large buffers (as PyTorch's CUDA allocator
 // keeps device memory between steps).
 //
-// Why: glibc serves an allocation above its mmap threshold (32 MB at most) with fresh pages,
-// which Linux zeroes on first touch. Measured at (32, 64, 128, 128) fp32 on 2 threads
-// (benchmarks/page_fault_floor.py): a copy into a warm tensor 9.2 ms, into a fresh one 58 ms
-// with 4 KB pages, 16 ms with transparent huge pages — so a fresh output costs the forward
-// about as much as the kernel itself, on every training step. A buffer released here is kept
-// (up to a cap of idle bytes) and handed to the next output of the same rounded size; memory
-// that stays in use is whatever the live tensors hold, as without the cache.
+// Why: glibc serves an allocation above its mmap threshold (128 KB, raised up to 32 MB as large
+// blocks are freed) with fresh pages, and trims freed heap memory above a threshold, so a large
+// output is faulted in page by page, zeroed by Linux, on every call. Measured here: at
+// (32, 64, 128, 128) fp32 on 2 threads (benchmarks/page_fault_floor.py) a copy into a warm
+// tensor takes 9.2 ms, into a fresh one 58 ms with 4 KB pages, 16 ms with transparent huge
+// pages; the noise batch maker at 32x1x128x128 (two 2 MB outputs) took ~1000 page faults a
+// call, 1.6 ms of kernel time on one thread against 2.7 ms of its own work. A buffer released
+// here is kept (up to a cap of idle bytes) and handed to the next output of the same rounded
+// size; memory in use is whatever the live tensors hold, as without the cache.
 //
-// Only outputs of at least kMinBytes (glibc reuses smaller blocks itself) go through the cache.
+// Only outputs of at least kMinBytes go through the cache (smaller ones stay in glibc's heap).
 // SPECKLE_CPU_OUTPUT_CACHE_MB sets the cap on idle bytes (default 1024; 0 turns the cache off,
 // new buffers still ask for huge pages). empty_cpu_output_cache() frees the idle buffers.
 #include <ATen/ATen.h>
@@ -31,7 +33,7 @@ namespace speckle::cpu {
 namespace {
 
 constexpr size_t kHuge = size_t{2} << 20;
-constexpr size_t kMinBytes = size_t{32} << 20;
+constexpr size_t kMinBytes = size_t{1} << 20;
 
 size_t idle_cap_bytes() {
   const char* env = std::getenv("SPECKLE_CPU_OUTPUT_CACHE_MB");

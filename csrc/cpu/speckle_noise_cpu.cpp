@@ -56,21 +56,18 @@ inline __m256 log_unit(__m256 u) {
                          _mm256_fmadd_ps(ef, _mm256_set1_ps(1.428606765330187e-06f), log1p));
 }
 
-// 2 pi (0.25 - |r|) for the float angle theta in [0, 2 pi], r = theta / (2 pi) - round(.):
-// cos(theta) = sin of it. Reduced in double so the float angle of the stream is kept exactly.
-inline __m128 quarter_turn_angle(__m128 theta) {
-  const __m256d t = _mm256_mul_pd(_mm256_cvtps_pd(theta), _mm256_set1_pd(0.15915494309189535));
-  const __m256d r = _mm256_sub_pd(t, _mm256_round_pd(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  const __m256d a = _mm256_andnot_pd(_mm256_set1_pd(-0.0), r);
-  return _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_sub_pd(_mm256_set1_pd(0.25), a),
-                                       _mm256_set1_pd(6.283185307179586)));
-}
-
-// cos(theta), theta in [0, 2 pi]: sin(x) on [-pi/2, pi/2] as x + x^3 q(x^2), q a least-squares
-// minimax fit of degree 4.
+// cos(theta) = sin(x) for the float angle theta in [0, 2 pi]: x = pi/2 - theta below pi,
+// theta - 3 pi/2 above, each formed as (exact difference) + (the constant's float residual), so
+// x carries one rounding, as a reduction in double would. theta - Q1 is exact for theta in
+// [pi, 2 pi] and P1 - theta for theta in [pi/4, pi] (Sterbenz); below pi/4 P1 - theta rounds
+// once more, where cos' = -sin is small. sin(x) on [-pi/2, pi/2] is x + x^3 q(x^2), q a
+// least-squares minimax fit of degree 4.
 inline __m256 cos_angle(__m256 theta) {
-  const __m256 x = _mm256_set_m128(quarter_turn_angle(_mm256_extractf128_ps(theta, 1)),
-                                   quarter_turn_angle(_mm256_castps256_ps128(theta)));
+  const __m256 P1 = _mm256_set1_ps(1.57079637050628662109375f), P2 = _mm256_set1_ps(-4.371139006309477e-8f);
+  const __m256 Q1 = _mm256_set1_ps(4.71238899230957031250f), Q2 = _mm256_set1_ps(-1.1924880638503055e-8f);
+  const __m256 below = _mm256_add_ps(_mm256_sub_ps(P1, theta), P2);
+  const __m256 above = _mm256_sub_ps(_mm256_sub_ps(theta, Q1), Q2);
+  const __m256 x = _mm256_blendv_ps(below, above, _mm256_cmp_ps(theta, _mm256_set1_ps(3.14159274101257324f), _CMP_GE_OQ));
   const __m256 x2 = _mm256_mul_ps(x, x);
   __m256 q = _mm256_fmadd_ps(x2, _mm256_set1_ps(-2.3991626463271132e-08f), _mm256_set1_ps(2.753129820121103e-06f));
   q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(-0.00019840984896291047f));
@@ -116,9 +113,16 @@ void philox_uniforms(uint64_t seed, uint32_t* c0, uint32_t* c1, float* u0, float
   for (int64_t l = 0; l < kLanes; l += 8) {
     __m256i x0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(c0 + l));
     __m256i x1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(c1 + l));
-    __m256i x2 = _mm256_setzero_si256(), x3 = _mm256_setzero_si256();
     uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    for (int round = 0; round < kPhiloxRounds; ++round) {
+    // Round 1 on the stream's counters (c0, c1, 0, 0): the c2 product is 0.
+    __m256i x2, x3;
+    mulhilo8(mul_a, x0, x2, x3);
+    x2 = _mm256_xor_si256(x2, _mm256_set1_epi32(static_cast<int>(k1)));
+    x0 = _mm256_xor_si256(x1, _mm256_set1_epi32(static_cast<int>(k0)));
+    x1 = _mm256_setzero_si256();
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+    for (int round = 1; round < kPhiloxRounds; ++round) {
       __m256i hi_a, lo_a, hi_b, lo_b;
       mulhilo8(mul_a, x0, hi_a, lo_a);
       mulhilo8(mul_b, x2, hi_b, lo_b);
