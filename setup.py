@@ -12,7 +12,8 @@ from setuptools import find_packages, setup
 
 def _cpu_vector_flags():
     """AVX2 + FMA + F16C when the building machine has them (at::vec then uses 256-bit
-    vectors); the extension is built where it runs. SPECKLE_CPU_VECTOR=0 turns them off."""
+    vectors), and AVX-512 beside them where it has that; the extension is built where it runs.
+    SPECKLE_CPU_VECTOR=0 turns them all off."""
     if os.environ.get("SPECKLE_CPU_VECTOR", "1") == "0":
         return []
     try:
@@ -22,7 +23,13 @@ def _cpu_vector_flags():
         return []
     if not {"avx2", "fma", "f16c"} <= set(flags):
         return []
-    return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    avx2 = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    # AVX-512 for the noise kernel's explicit 16-lane path (csrc/cpu/noise_lanes.h); compiler
+    # vectorization stays at 256 bits. SPECKLE_CPU_AVX512=0 leaves it out.
+    if (os.environ.get("SPECKLE_CPU_AVX512", "1") != "0"
+            and {"avx512f", "avx512dq", "avx512bw", "avx512vl"} <= set(flags)):
+        avx2 += ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mprefer-vector-width=256"]
+    return avx2
 
 
 def _openmp_flags():

@@ -49,6 +49,7 @@ TORCH_LIBRARY_FRAGMENT(speckle_kernels, m) {
       "make_noisy_batch(Tensor clean_u8, int seed, int offset, float factor, float sigma_low, "
       "float sigma_high, float sigma_add, bool rayleigh, bool clip, ScalarType out_dtype) "
       "-> (Tensor, Tensor)");
+  m.def("cpu_noise_lane_widths() -> int[]", &speckle::cpu::noise_lane_widths);
 }
 
 TORCH_LIBRARY_IMPL(speckle_kernels, CPU, m) {

@@ -22,6 +22,18 @@ pytestmark = pytest.mark.skipif(
     reason="C++ extension not built (pip install --no-build-isolation -e .)")
 
 SEEDS = [(0, 0), (1234567890123, 99), (7, 2**32 - 5)]  # the last crosses the counter's hi word
+# The kernel's paths (csrc/cpu/speckle_noise_cpu.cpp): 16 lanes (AVX-512), 8 (AVX2), 1 (portable).
+BUILT_WIDTHS = (tuple(torch.ops.speckle_kernels.cpu_noise_lane_widths())
+                if _ext is not None and _ext.HAS_CPU_EXT else ())
+
+
+@pytest.fixture(params=[16, 8, 1], ids=lambda w: f"lanes{w}")
+def lanes(request, monkeypatch):
+    """Runs a test on each built path of the kernel (the default is the widest)."""
+    if request.param not in BUILT_WIDTHS:
+        pytest.skip(f"the {request.param}-lane path is not built here (built: {BUILT_WIDTHS})")
+    monkeypatch.setenv("SPECKLE_CPU_NOISE_LANES", str(request.param))
+    return request.param
 
 
 def expected_noise(x, *, seed, offset, distribution, factor=1.0, sigma_mult=0.1, sigma_add=0.02, clip=True):
@@ -41,7 +53,7 @@ def expected_noise(x, *, seed, offset, distribution, factor=1.0, sigma_mult=0.1,
 @pytest.mark.parametrize("seed,offset", SEEDS, ids=str)
 @pytest.mark.parametrize("distribution", ["gaussian", "rayleigh"])
 @pytest.mark.parametrize("sigma_mult", [0.3, (0.1, 0.75)], ids=["fixed", "per_image"])
-def test_matches_documented_stream(seed, offset, distribution, sigma_mult):
+def test_matches_documented_stream(seed, offset, distribution, sigma_mult, lanes):
     x = torch.rand(5, 1, 33, 29)
     kw = dict(seed=seed, offset=offset, distribution=distribution, sigma_mult=sigma_mult, factor=5.0)
     for clip in (True, False):
@@ -72,7 +84,7 @@ def test_shapes_and_splitting():
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("distribution", ["gaussian", "rayleigh"])
-def test_noisy_batch(out_dtype, distribution):
+def test_noisy_batch(out_dtype, distribution, lanes):
     u8 = torch.randint(0, 256, (4, 1, 19, 23), dtype=torch.uint8)
     noisy, clean = _ext.make_noisy_batch(u8, seed=42, offset=7, distribution=distribution,
                                          sigma_mult=(0.1, 0.75), out_dtype=out_dtype)
@@ -132,8 +144,32 @@ def test_bad_arguments_raise(call, pattern):
         _ext.add_speckle_noise(torch.rand(3), distribution="poisson")
 
 
-def test_standard_normals_against_the_stream_in_float64():
-    # The kernel's log and cos are short polynomials (speckle_noise_cpu.cpp): measured <= 1.7 ulp
+def test_lane_widths_give_the_same_bits(monkeypatch):
+    # 16 and 8 lanes run the same operations in the same order; the portable path (Sleef's log
+    # and cos) is held to the float64 bound of the next test instead.
+    if not {8, 16} <= set(BUILT_WIDTHS):
+        pytest.skip(f"needs the 16- and 8-lane paths (built: {BUILT_WIDTHS})")
+    x = torch.rand(7, 1, 77, 65)
+    u8 = torch.randint(0, 256, (3, 1, 40, 50), dtype=torch.uint8)
+    outs = []
+    for width in (16, 8):
+        monkeypatch.setenv("SPECKLE_CPU_NOISE_LANES", str(width))
+        outs.append([_ext.add_speckle_noise(x, seed=2**40 + 5, offset=2**32 - 100, factor=5.0,
+                                            sigma_mult=(0.1, 0.7), distribution=d, clip=False)
+                     for d in ("gaussian", "rayleigh")]
+                    + list(_ext.make_noisy_batch(u8, seed=3, offset=1, out_dtype=torch.bfloat16)))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_unknown_lane_width_is_refused(monkeypatch):
+    monkeypatch.setenv("SPECKLE_CPU_NOISE_LANES", "32")
+    with pytest.raises(ValueError, match=r"SPECKLE_CPU_NOISE_LANES must name a built path.*'32'"):
+        _ext.add_speckle_noise(torch.rand(2, 3))
+
+
+def test_standard_normals_against_the_stream_in_float64(lanes):
+    # The kernel's log and cos are short polynomials (noise_lanes.h): measured <= 1.7 ulp
     # (log) and <= 2 ulp (sin on [-pi/2, pi/2]). So n = rho*cos(theta), rho = sqrt(-2 ln u), may
     # differ from the float64 value of the same float inputs (u, and the float angle theta of the
     # stream) by ~6 ulp relative through rho and the products, plus 2 ulp of 1 times rho through

@@ -6,6 +6,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "../api_common.h"
 #include "../include/philox.h"
@@ -42,5 +43,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_renorm_backward(
 // and 2v-1 to clean. Sizes: images * numel_per_image elements.
 void speckle_noise(const at::Tensor& src, at::Tensor& out, at::Tensor* clean, int64_t images,
                    const SpeckleParams& params);
+
+// Lane widths of the built noise paths, widest (the default) first; 1 is the portable path.
+std::vector<int64_t> noise_lane_widths();
 
 }  // namespace speckle::cpu
