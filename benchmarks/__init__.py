@@ -13,10 +13,13 @@ Sizes (SPECKLE_BENCH_SIZE, or pytest's --speckle-size):
            headline runs at its real size, the rest stays small, so the run stays minutes long.
     small  CPU default (and CI): batch 4, 64x64 images; a few rounds.
 
-Bytes each call must move (the floor a fused kernel can reach, counted as in KERNEL-NOTES.md):
+Bytes each call must move (the floor of a two-pass kernel, counted as in KERNEL-NOTES.md):
     BatchRenorm forward           3 tensors  (read x for the statistics, read x + write y)
     BatchRenorm forward+backward  3 + 5      (backward: read x, dy for the sums; read both
                                               again and write dx)
+    A kernel that takes its second read from a cache moves less to memory and can pass 100%
+    of copy: the C++ CPU kernel's per-channel schedule (csrc/cpu/batch_renorm_cpu.cpp) reads
+    each channel twice while it sits in the L2/L3, so x (and dy) come from memory once.
     batch maker                   uint8 read + two writes of the output dtype
     add_speckle_noise             read x + write y
     SSIM                          read both images once

@@ -3,9 +3,10 @@
     python -m benchmarks.page_fault_floor [--out FILE.md]
 
 PyTorch's CPU allocator hands large blocks back to the OS, so every fresh output tensor is
-faulted in (and zeroed by the kernel) page by page. The C++ kernels ask for transparent huge
-pages on their outputs (csrc/cpu/batch_renorm_cpu.cpp, empty_output). Medians of 15 calls at
-(32, 64, 128, 128) fp32, with torch's intra-op threads.
+faulted in (and zeroed by the kernel) page by page. This is why the C++ kernels take their
+outputs from a cache of released buffers with transparent huge pages asked for
+(csrc/cpu/output_cache.cpp): "copy into a warm tensor" is what a cached output costs. Medians
+of 15 calls at (32, 64, 128, 128) fp32, with torch's intra-op threads.
 """
 from __future__ import annotations
 
