@@ -16,8 +16,9 @@
 //                so the affine pass re-reads the channel's N*L values (2 MB at (32, 64, 128, 128)
 //                fp32) from cache, not memory: the forward reads x from memory once instead of
 //                twice, the backward x and dy once instead of twice.
-// per-channel is used when whole channels balance across the threads (per_channel_schedule);
-// channels-last rows interleave every channel, so it always splits.
+// per_channel_schedule picks per-channel where it pays (x beyond twice the last-level cache, or
+// small) and whole channels balance across the threads; channels-last rows interleave every
+// channel, so it always splits.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
