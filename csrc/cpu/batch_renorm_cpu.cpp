@@ -377,27 +377,29 @@ void per_channel_passes(const ChannelLayout& lay, const T* x, const T* dy, T* ou
                         const ChannelCoefs& sum_coefs, const ChannelCoefs& affine_coefs,
                         const Finalize& finalize) {
   const Tasks tasks(lay);
-  const int64_t C = lay.C, L = lay.L, nchunks = tasks.nchunks, len = tasks.per_task;
+  const int64_t C = lay.C, L = lay.L, nchunks = tasks.nchunks;
+  // f(k, offset, len) for the k-th chunk of channel c, in merge order (n-major, then chunk):
+  // the split schedule's tasks (n*C + c)*nchunks + j.
+  auto for_each_chunk = [&](int64_t c, const auto& f) {
+    for (int64_t k = 0; k < lay.N * nchunks; ++k) {
+      int64_t plane, start, len;
+      tasks.chunk(((k / nchunks) * C + c) * nchunks + k % nchunks, L, plane, start, len);
+      f(k, plane * L + start, len);
+    }
+  };
   at::parallel_for(0, C, grain_for(lay.N * L), [&](int64_t begin, int64_t end) {
     std::vector<float> partial(2 * lay.N * nchunks);
     for (int64_t c = begin; c < end; ++c) {
-      for (int64_t nn = 0; nn < lay.N; ++nn) {
-        for (int64_t j = 0; j < nchunks; ++j) {
-          const int64_t off = (nn * C + c) * L + j * len;
-          std::tie(partial[2 * (nn * nchunks + j)], partial[2 * (nn * nchunks + j) + 1]) =
-              chunk_sums(x + off, dy ? dy + off : nullptr, std::min(len, L - j * len), c, sum_coefs);
-        }
-      }
+      for_each_chunk(c, [&](int64_t k, int64_t off, int64_t len) {
+        std::tie(partial[2 * k], partial[2 * k + 1]) =
+            chunk_sums(x + off, dy ? dy + off : nullptr, len, c, sum_coefs);
+      });
       double sa, sb;
       merge_channel(partial.data(), lay.N, 2 * nchunks, nchunks, sa, sb);
       finalize(c, sa, sb);
-      for (int64_t nn = 0; nn < lay.N; ++nn) {
-        for (int64_t j = 0; j < nchunks; ++j) {
-          const int64_t off = (nn * C + c) * L + j * len;
-          chunk_affine(x + off, dy ? dy + off : nullptr, out + off, std::min(len, L - j * len), c,
-                       affine_coefs);
-        }
-      }
+      for_each_chunk(c, [&](int64_t, int64_t off, int64_t len) {
+        chunk_affine(x + off, dy ? dy + off : nullptr, out + off, len, c, affine_coefs);
+      });
     }
   });
 }

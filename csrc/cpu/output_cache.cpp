@@ -157,18 +157,14 @@ class OutputCache final : public c10::Allocator {
 at::Tensor empty_output(const at::Tensor& like, std::optional<at::ScalarType> dtype) {
   const at::ScalarType st = dtype.value_or(like.scalar_type());
   const size_t nbytes = static_cast<size_t>(like.numel()) * c10::elementSize(st);
-  if (nbytes < kMinBytes || !like.is_non_overlapping_and_dense()) {
-    at::Tensor out = at::empty_like(like, like.options().dtype(st));
-    if (out.nbytes() >= 4 * kHuge) advise_huge_pages(out.data_ptr(), out.nbytes());
-    return out;
+  const bool cacheable = nbytes >= kMinBytes && like.is_non_overlapping_and_dense();
+  if (cacheable && idle_cap_bytes() > 0) {
+    return at::detail::empty_strided_generic(like.sizes(), like.strides(), &OutputCache::get(),
+                                             c10::DispatchKeySet(c10::DispatchKey::CPU), st);
   }
-  if (idle_cap_bytes() == 0) {
-    at::Tensor out = at::empty_like(like, like.options().dtype(st));
-    advise_huge_pages(out.data_ptr(), out.nbytes());
-    return out;
-  }
-  return at::detail::empty_strided_generic(like.sizes(), like.strides(), &OutputCache::get(),
-                                           c10::DispatchKeySet(c10::DispatchKey::CPU), st);
+  at::Tensor out = at::empty_like(like, like.options().dtype(st));
+  if (cacheable || out.nbytes() >= 4 * kHuge) advise_huge_pages(out.data_ptr(), out.nbytes());
+  return out;
 }
 
 int64_t cpu_output_cache_idle_bytes() { return OutputCache::get().idle_bytes(); }

@@ -52,8 +52,8 @@ void standard_noise_portable(uint64_t seed, const uint32_t* c0, const uint32_t* 
 }
 
 // The built paths, widest first.
-std::vector<std::pair<int64_t, StandardNoiseFn>> built_paths() {
-  return {
+const std::vector<std::pair<int64_t, StandardNoiseFn>>& built_paths() {
+  static const std::vector<std::pair<int64_t, StandardNoiseFn>> paths{
 #if defined(SPECKLE_NOISE_LANES16)
       {16, &lanes::standard_noise_lanes<16, kLanes>},
 #endif
@@ -61,11 +61,12 @@ std::vector<std::pair<int64_t, StandardNoiseFn>> built_paths() {
       {8, &lanes::standard_noise_lanes<8, kLanes>},
 #endif
       {1, &standard_noise_portable}};
+  return paths;
 }
 
 // The widest built path, or the one SPECKLE_CPU_NOISE_LANES names.
 StandardNoiseFn standard_noise_path() {
-  const auto paths = built_paths();
+  const auto& paths = built_paths();
   const char* env = std::getenv("SPECKLE_CPU_NOISE_LANES");
   if (env == nullptr || *env == '\0') return paths.front().second;
   std::string built;
