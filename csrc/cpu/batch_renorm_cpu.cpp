@@ -116,7 +116,11 @@ struct Tasks {
   // contiguous: task t -> (plane n*C + c, first value in the plane, values)
   void chunk(int64_t t, int64_t L, int64_t& plane, int64_t& start, int64_t& len) const {
     plane = t / nchunks;
-    start = (t % nchunks) * per_task;
+    chunk_of_plane(t % nchunks, L, start, len);
+  }
+  // contiguous: chunk j of a plane -> (first value in the plane, values)
+  void chunk_of_plane(int64_t j, int64_t L, int64_t& start, int64_t& len) const {
+    start = j * per_task;
     len = std::min(per_task, L - start);
   }
 };
@@ -379,12 +383,14 @@ void per_channel_passes(const ChannelLayout& lay, const T* x, const T* dy, T* ou
   const Tasks tasks(lay);
   const int64_t C = lay.C, L = lay.L, nchunks = tasks.nchunks;
   // f(k, offset, len) for the k-th chunk of channel c, in merge order (n-major, then chunk):
-  // the split schedule's tasks (n*C + c)*nchunks + j.
+  // the split schedule's chunks, without its per-task division (planes can be 64 values long).
   auto for_each_chunk = [&](int64_t c, const auto& f) {
-    for (int64_t k = 0; k < lay.N * nchunks; ++k) {
-      int64_t plane, start, len;
-      tasks.chunk(((k / nchunks) * C + c) * nchunks + k % nchunks, L, plane, start, len);
-      f(k, plane * L + start, len);
+    for (int64_t nn = 0, k = 0; nn < lay.N; ++nn) {
+      for (int64_t j = 0; j < nchunks; ++j, ++k) {
+        int64_t start, len;
+        tasks.chunk_of_plane(j, L, start, len);
+        f(k, (nn * C + c) * L + start, len);
+      }
     }
   };
   at::parallel_for(0, C, grain_for(lay.N * L), [&](int64_t begin, int64_t end) {
