@@ -351,10 +351,10 @@ int64_t last_level_cache_bytes() {
 }
 
 // Whether contiguous passes run one channel per task. It pays where the split schedule reads x
-// from memory twice, beyond the last-level cache (measured here with a 32 MB L3, fp32: split
-// faster at 33.5 MB, per-channel at 67 MB and 1.6x at 134 MB forward+backward), and on small
-// tensors (<= 4 MB: one parallel region instead of three). In between the split schedule's
-// long contiguous streams win (1.45x at (32, 128, 32, 32), 4 KB planes). Whole channels must
+// from memory twice, beyond the last-level cache, and on small tensors (<= 4 MB: one parallel
+// region instead of three); in between the split schedule's long contiguous streams win.
+// Measured with a 32 MB L3 in benchmarks/results/cpu-2026-11-25/cpu_paths.md (fp32: split
+// faster at 32 MB, per-channel at 64 MB and 1.35x at 128 MB, split 1.6x at 16 MB). Whole channels must
 // also balance across the threads (at most 1/8 of the thread time idle).
 // SPECKLE_CPU_RENORM_SCHEDULE=split|per-channel forces one (the tests run both).
 bool per_channel_schedule(const ChannelLayout& lay) {
