@@ -137,9 +137,9 @@ def main(argv=None) -> int:
     text = "\n".join(head + [line for s in sections for line in s + [""]])
     print(text)
     if args.out:
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out)
+        from models.train import atomic_write_text
+
+        atomic_write_text(args.out, text)
     return 0
 
 

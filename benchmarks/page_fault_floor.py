@@ -63,9 +63,9 @@ def main(argv=None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out)
+        from models.train import atomic_write_text
+
+        atomic_write_text(args.out, text)
     return 0
 
 
