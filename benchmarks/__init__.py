@@ -449,10 +449,10 @@ def noise_impl(name: str, op: str, device: torch.device):
 
 def _counter_noise(v: torch.Tensor, seed: int) -> torch.Tensor:
     """The fused kernels' noisy values for intensities v, from the documented counter layout
-    (speckle_kernels.noise.noise_fields / image_uniforms: plain torch integer arithmetic)."""
-    from speckle_kernels import noise as N
+    (speckle_kernels.reference.noise_fields / image_uniforms: plain torch integer arithmetic)."""
+    from speckle_kernels import reference as R
 
-    n1, n2 = N.noise_fields(v.numel(), seed=seed, offset=0, distribution=NOISE_KW["distribution"],
+    n1, n2 = R.noise_fields(v.numel(), seed=seed, offset=0, distribution=NOISE_KW["distribution"],
                             device=v.device)
     fs = NOISE_KW["factor"] * NOISE_KW["sigma_mult"]
     y = v.float().reshape(-1) * (1 + fs * n1) + NOISE_KW["sigma_add"] * n2

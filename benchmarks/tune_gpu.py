@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from speckle_kernels.schedules import DMAX_SCHEDULE, RMAX_SCHEDULE
+
 from . import (HEADLINE_CHANNELS, RenormState, copy_bandwidth, forward_backward, renorm_impl,
                renorm_input, tensor_bytes, time_calls)
 
@@ -30,7 +32,7 @@ HEADLINE = (32, HEADLINE_CHANNELS, 128, 128)
 
 
 def kernel_sweep(dtype, copy_gbps, quick):
-    br = importlib.import_module("speckle_kernels.batch_renorm")  # the package exports the function
+    br = importlib.import_module("speckle_kernels.batch_renorm_triton")
 
     knobs = ("TILE_ELEMENTS", "SUMS_NUM_WARPS", "AFFINE_NUM_WARPS", "REDUCTION_PROGRAMS_PER_SM")
     shipped = {k: getattr(br, k) for k in knobs}
@@ -44,7 +46,7 @@ def kernel_sweep(dtype, copy_gbps, quick):
         state = RenormState(HEADLINE[1], "cuda")
         stats = br.batch_renorm_statistics(
             x, state.weight.detach(), state.bias.detach(), *(b.clone() for b in state.buffers()),
-            training=True, momentum=0.01, eps=1e-5, r_max=br.RMAX_SCHEDULE, d_max=br.DMAX_SCHEDULE)
+            training=True, momentum=0.01, eps=1e-5, r_max=RMAX_SCHEDULE, d_max=DMAX_SCHEDULE)
         nbytes = tensor_bytes(HEADLINE, dtype)
         layout_name = "channels_last" if channels_last else "contiguous"
         for tile, nw in itertools.product(tiles, warps):

@@ -4,7 +4,8 @@ from ._ext import cpu_output_cache_idle_bytes, empty_cpu_output_cache
 from .batch_renorm import batch_renorm
 from .layers import FusedBatchRenorm1d, FusedBatchRenorm2d, FusedBatchRenorm3d
 from .noise import add_speckle_noise, make_noisy_batch
-from .reference import DMAX_SCHEDULE, RMAX_SCHEDULE, RenormSchedule, batch_renorm_reference
+from .reference import batch_renorm_reference
+from .schedules import DMAX_SCHEDULE, RMAX_SCHEDULE, RenormSchedule
 from .sync_batch_renorm import SyncFusedBatchRenorm, convert_batchrenorm, convert_sync_batchrenorm
 
 __version__ = "0.1.0"

@@ -22,13 +22,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .atomic_write import atomic_file
 from .noise import DEFAULT_SIGMA_ADD, DEFAULT_SIGMA_MULT, make_noisy_batch
 from .phantom import PHANTOM_VERSION, generate_phantom
 
@@ -63,28 +63,15 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "speckle_kernels"
 
 
-def _write_npz(path: Path, arrays: dict) -> None:
+def _write_npz(f, arrays: dict) -> None:
     """The one place a cache file's bytes are written (tests make it fail on purpose)."""
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
+    np.savez(f, **arrays)
 
 
 def save_cache(path: Path, arrays: dict, meta: dict) -> None:
     """Atomically write arrays and a JSON meta record to `path` (.npz)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + path.name + "-", dir=path.parent)
-    os.close(fd)
-    try:
-        _write_npz(Path(tmp), {**arrays, "meta": np.array(json.dumps(meta, sort_keys=True))})
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_file(path) as f:
+        _write_npz(f, {**arrays, "meta": np.array(json.dumps(meta, sort_keys=True))})
 
 
 def load_cache(path: Path, key: str | None = None):

@@ -11,7 +11,7 @@ from torch import nn
 
 from ._backend import check_backend_name
 from .batch_renorm import batch_renorm
-from .reference import DMAX_SCHEDULE, RMAX_SCHEDULE, RenormSchedule
+from .schedules import DMAX_SCHEDULE, RMAX_SCHEDULE, RenormSchedule
 
 
 def _as_schedule(value, default: RenormSchedule, name: str) -> RenormSchedule:

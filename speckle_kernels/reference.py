@@ -20,34 +20,13 @@ taken as 0 instead of NaN (0/0), so the layer stays finite on degenerate batches
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 
 import torch
 
-
-@dataclass(frozen=True)
-class RenormSchedule:
-    """A clamped linear schedule in t = num_batches_tracked: clamp(slope*t + start, low, high).
-
-    The defaults of the third-party layer are `RMAX_SCHEDULE` and `DMAX_SCHEDULE`; a fixed
-    limit is `RenormSchedule.constant(value)`.
-    """
-
-    slope: float
-    start: float
-    low: float
-    high: float
-
-    @staticmethod
-    def constant(value: float) -> "RenormSchedule":
-        return RenormSchedule(0.0, float(value), float(value), float(value))
-
-    def __call__(self, t: torch.Tensor) -> torch.Tensor:
-        return (t.to(torch.float32) * self.slope + self.start).clamp(self.low, self.high)
-
-
-RMAX_SCHEDULE = RenormSchedule(2 / 35000, 25 / 35, 1.0, 3.0)
-DMAX_SCHEDULE = RenormSchedule(5 / 20000, -25 / 20, 0.0, 5.0)
+from .noise_stream import (RAYLEIGH_MEAN, RAYLEIGH_STD, TINY_UNIFORM, U32, UNIFORM_SCALE, check_counter,
+                           check_distribution)
+from .schedules import DMAX_SCHEDULE, RMAX_SCHEDULE, RenormSchedule, renorm_correction, update_running_stats
 
 
 def _channel_view_shape(x: torch.Tensor) -> list[int]:
@@ -64,24 +43,6 @@ def _sqrt_zero_grad_at_zero(var: torch.Tensor) -> torch.Tensor:
     positive = var > 0
     safe = torch.where(positive, var, torch.ones_like(var))
     return torch.where(positive, safe.sqrt(), torch.zeros_like(var))
-
-
-def renorm_correction(mean, std, running_mean, running_std, num_batches_tracked,
-                      r_max: RenormSchedule, d_max: RenormSchedule):
-    """r = clamp(std/rs, 1/r_max, r_max), d = clamp((mean-rm)/rs, -d_max, d_max), on the device."""
-    rmax = r_max(num_batches_tracked).to(mean.dtype)
-    dmax = d_max(num_batches_tracked).to(mean.dtype)
-    r = torch.minimum(torch.maximum(std / running_std, 1.0 / rmax), rmax)
-    d = torch.minimum(torch.maximum((mean - running_mean) / running_std, -dmax), dmax)
-    return r, d
-
-
-@torch.no_grad()
-def update_running_stats(mean, std, running_mean, running_std, num_batches_tracked, momentum: float):
-    """Exponential moving averages of the batch mean and std (after r and d were taken)."""
-    running_mean.add_(momentum * (mean.flatten() - running_mean))
-    running_std.add_(momentum * (std.flatten() - running_std))
-    num_batches_tracked.add_(1)
 
 
 def batch_renorm_reference(
@@ -134,12 +95,9 @@ def batch_renorm_reference(
 # y = x * (1 + factor * sigma * n1) + sigma_add * n2, clipped to [0, 1] when clip; n2 ~ N(0, 1),
 # n1 ~ N(0, 1) or a standardized Rayleigh variable (R - sqrt(pi/2)) / sqrt(2 - pi/2),
 # R = sqrt(-2 ln U). sigma_mult: a number or (low, high), one uniform draw per image (first dim).
-# Drawn from torch's generator: the same distribution as the Triton kernel's counter-based
-# stream, not the same numbers. It is the benchmark baseline and the statistical oracle.
-
-_RAYLEIGH_MEAN = 1.2533141373155001    # sqrt(pi / 2), the mean of Rayleigh(1)
-_RAYLEIGH_STD = 0.6551363775620336     # sqrt(2 - pi / 2), its standard deviation
-
+# Drawn from torch's generator: the same distribution as the kernels' counter-based stream
+# (noise_stream.py), not the same numbers. It is the benchmark baseline and the statistical
+# oracle; the stream itself, in torch integer arithmetic, is the last section of this file.
 
 def _noise_sigma(x: torch.Tensor, sigma_mult, generator) -> torch.Tensor | float:
     low, high = (sigma_mult if isinstance(sigma_mult, (tuple, list)) else (sigma_mult, sigma_mult))
@@ -155,7 +113,7 @@ def _standard_noise(x: torch.Tensor, distribution: str, generator):
     if distribution == "rayleigh":
         u = torch.rand(shape, generator=generator, device=dev, dtype=torch.float32)
         r = torch.sqrt(-2.0 * torch.log1p(-u))       # Rayleigh(1); 1 - u lies in (0, 1]
-        n1 = (r - _RAYLEIGH_MEAN) / _RAYLEIGH_STD
+        n1 = (r - RAYLEIGH_MEAN) / RAYLEIGH_STD
     elif distribution == "gaussian":
         n1 = torch.randn(shape, generator=generator, device=dev, dtype=torch.float32)
     else:
@@ -188,3 +146,69 @@ def noisy_batch_reference(clean_u8: torch.Tensor, *, factor: float = 1.0, sigma_
     y = speckle_noise_reference(v, factor=factor, sigma_mult=sigma_mult, sigma_add=sigma_add,
                                 distribution=distribution, clip=clip, generator=generator)
     return ((y - 0.5) / 0.5).to(out_dtype), ((v - 0.5) / 0.5).to(out_dtype)
+
+
+# =============================================================================================
+# The counter-based noise stream in plain torch integer arithmetic (noise_stream.py's layout):
+# the oracle of every noise kernel's bits.
+# =============================================================================================
+
+def _mul_hi_lo(a: int, b: torch.Tensor):
+    """(a * b) >> 32 and (a * b) & 0xFFFFFFFF for a 32-bit constant a and uint32 values b held
+    in int64, without overflowing int64 (split a into 16-bit halves)."""
+    s = (a >> 16) * b
+    t = (a & 0xFFFF) * b
+    hi = (s + (t >> 16)) >> 16
+    lo = (((s & 0xFFFF) << 16) + t) & U32
+    return hi, lo
+
+
+def philox4x32_10(seed: int, c0, c1, c2, c3):
+    """Philox4x32-10 on int64 tensors holding uint32 counters; key = (seed lo, seed hi).
+    Returns the four output words (int64 tensors with values in [0, 2**32))."""
+    k0, k1 = seed & U32, (seed >> 32) & U32
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(0xCD9E8D57, c2)
+        hi_a, lo_a = _mul_hi_lo(0xD2511F53, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + 0x9E3779B9) & U32
+        k1 = (k1 + 0xBB67AE85) & U32
+    return c0, c1, c2, c3
+
+
+def _uniform_torch(r: torch.Tensor) -> torch.Tensor:
+    v = torch.where(r >= 2 ** 31, U32 - r, r)
+    return v.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32)
+
+
+def _radius_torch(u: torch.Tensor) -> torch.Tensor:
+    return torch.sqrt(-2.0 * torch.log(torch.clamp(u, min=TINY_UNIFORM)))
+
+
+def noise_fields(numel: int, *, seed: int = 0, offset: int = 0, distribution: str = "gaussian",
+                 device="cpu"):
+    """(n1, n2), float32 of length numel: the kernel's noise for flat indices 0..numel-1,
+    computed from the counter layout in the module header with torch integer ops. Equal to the
+    kernel's up to the last ulp of log/cos; meant for tests and as the oracle of a port."""
+    check_distribution(distribution)
+    seed, offset = check_counter("seed", seed), check_counter("offset", offset)
+    e = offset + torch.arange(numel, dtype=torch.int64, device=device)
+    zero = torch.zeros_like(e)
+    r0, r1, r2, r3 = philox4x32_10(seed, e & U32, e >> 32, zero, zero)
+    rho0 = _radius_torch(_uniform_torch(r0))
+    if distribution == "rayleigh":
+        n1 = (rho0 - RAYLEIGH_MEAN) * (1.0 / RAYLEIGH_STD)
+    else:
+        n1 = rho0 * torch.cos(2 * math.pi * _uniform_torch(r1))
+    n2 = _radius_torch(_uniform_torch(r2)) * torch.cos(2 * math.pi * _uniform_torch(r3))
+    return n1, n2
+
+
+def image_uniforms(images: int, numel_per_image: int, *, seed: int = 0, offset: int = 0,
+                   device="cpu") -> torch.Tensor:
+    """The per-image uniforms u_i (float32) that pick sigma_i = low + (high - low) * u_i."""
+    seed, offset = check_counter("seed", seed), check_counter("offset", offset)
+    e = offset + torch.arange(images, dtype=torch.int64, device=device) * numel_per_image
+    zero = torch.zeros_like(e)
+    r0, _, _, _ = philox4x32_10(seed, e & U32, e >> 32, zero, zero + 1)
+    return _uniform_torch(r0)

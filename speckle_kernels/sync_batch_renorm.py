@@ -18,15 +18,14 @@ import torch.distributed as dist
 from torch import nn
 
 from .layers import FusedBatchRenorm1d, FusedBatchRenorm2d, FusedBatchRenorm3d, _FusedBatchRenorm
-from .reference import (_channel_view_shape, _reduce_dims, _sqrt_zero_grad_at_zero, renorm_correction,
-                        update_running_stats)
+from .schedules import renorm_correction, update_running_stats
 
 
 class _SyncBatchRenormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_std, num_batches_tracked,
                 momentum, eps, r_max, d_max, group):
-        dims = _reduce_dims(x)
+        dims = [0, *range(2, x.dim())]
         xf = x.float()
         count = torch.full((x.shape[1],), x.numel() / x.shape[1], device=x.device)
         var, mean = torch.var_mean(xf, dims, unbiased=False)
@@ -40,11 +39,11 @@ class _SyncBatchRenormFunction(torch.autograd.Function):
         total = counts.sum(0)
         mean = (counts * means).sum(0) / total
         m2 = m2s.sum(0) + (counts * (means - mean).square()).sum(0)
-        std_biased = _sqrt_zero_grad_at_zero(m2 / total)
+        std_biased = (m2 / total).clamp_min(0.0).sqrt()  # no autograd here: the backward is below
         std = std_biased + eps
         r, d = renorm_correction(mean, std, running_mean, running_std, num_batches_tracked, r_max, d_max)
         update_running_stats(mean, std, running_mean, running_std, num_batches_tracked, momentum)
-        shape = _channel_view_shape(x)
+        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
         z = (xf - mean.view(shape)) / std.view(shape)
         xhat = z * r.view(shape) + d.view(shape)
         y = xhat
@@ -60,8 +59,8 @@ class _SyncBatchRenormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, mean, std, inv_s, r, d, total = ctx.saved_tensors
-        dims = _reduce_dims(x)
-        shape = _channel_view_shape(x)
+        dims = [0, *range(2, x.dim())]
+        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
         dyf = dy.float()
         z = (x.float() - mean.view(shape)) / std.view(shape)
         local_sums = torch.stack([dyf.sum(dims), (dyf * z).sum(dims)])

@@ -26,7 +26,7 @@ def compile_module(module: str) -> list[dict]:
 
 
 def test_batch_renorm_kernels_compile_for_sm80_and_sm90():
-    results = compile_module("speckle_kernels.batch_renorm")
+    results = compile_module("speckle_kernels.batch_renorm_triton")
     kernels = {r["kernel"] for r in results}
     assert kernels == {"_channel_sums_kernel", "_per_channel_affine_kernel",
                        "_batch_renorm_forward_finalize_kernel", "_batch_renorm_backward_finalize_kernel"}

@@ -15,7 +15,8 @@ import torch
 
 import speckle_kernels as sk
 from speckle_kernels import FusedBatchRenorm1d, FusedBatchRenorm2d, FusedBatchRenorm3d
-from speckle_kernels.reference import RenormSchedule, batch_renorm_reference
+from speckle_kernels.reference import batch_renorm_reference
+from speckle_kernels.schedules import RenormSchedule
 
 from .helpers import assert_close
 from .third_party_batchrenorm import ThirdPartyBatchRenorm

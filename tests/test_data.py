@@ -92,9 +92,8 @@ def test_cache_second_load_fast_equal_and_rebuilt_on_change(folder, tmp_path):
 def test_cache_failure_mid_write_leaves_no_file(folder, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
 
-    def half_write(path, arrays):
-        with open(path, "wb") as f:
-            f.write(b"PK\x03\x04 half a zip")
+    def half_write(f, arrays):
+        f.write(b"PK\x03\x04 half a zip")
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(D, "_write_npz", half_write)

@@ -12,8 +12,9 @@ import torch
 
 import speckle_kernels as sk
 from speckle_kernels import _backend
-from speckle_kernels.batch_renorm import _ext
-from speckle_kernels.reference import RMAX_SCHEDULE, DMAX_SCHEDULE, batch_renorm_reference
+from speckle_kernels import _ext, batch_renorm_ext
+from speckle_kernels.reference import batch_renorm_reference
+from speckle_kernels.schedules import DMAX_SCHEDULE, RMAX_SCHEDULE
 
 from .helpers import assert_close
 
@@ -206,8 +207,8 @@ def test_unknown_schedule_is_refused(monkeypatch):
 def test_auto_picks_the_cpu_extension(monkeypatch):
     assert _backend.resolve_backend("auto", torch.device("cpu"), has_cpu_ext=True) == "cpu"
     calls = []
-    real = _ext.batch_renorm
-    monkeypatch.setattr(_ext, "batch_renorm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = batch_renorm_ext.batch_renorm
+    monkeypatch.setattr(batch_renorm_ext, "batch_renorm", lambda *a, **k: calls.append(1) or real(*a, **k))
     sk.batch_renorm(torch.randn(2, 3, 4, 4), *_state(3, 0))
     assert calls == [1]
 

@@ -1,7 +1,7 @@
 """The C++ speckle-noise kernels (csrc/cpu/speckle_noise_cpu.cpp) against the stream of noise.py.
 
 The C++ port must give the numbers of the Triton kernel for a (seed, offset): checked against
-noise.noise_fields / image_uniforms (the stream in torch integer ops) and, where Triton is
+reference.noise_fields / image_uniforms (the stream in torch integer ops) and, where Triton is
 installed, the Triton kernel under its interpreter. The integer words are exact; log, cos and
 sqrt may differ by a few ulp (Sleef vs libm), so |n| <= ~6 gives absolute differences of a few
 1e-6 on y in [0, 1]: atol = 1e-5.
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from speckle_kernels import noise
-from speckle_kernels.batch_renorm import _ext
-from speckle_kernels.noise import image_uniforms, noise_fields
+from speckle_kernels import _ext, noise_ext
+from speckle_kernels.reference import image_uniforms, noise_fields
 
 from .helpers import assert_close
 
@@ -57,14 +57,14 @@ def test_matches_documented_stream(seed, offset, distribution, sigma_mult, lanes
     x = torch.rand(5, 1, 33, 29)
     kw = dict(seed=seed, offset=offset, distribution=distribution, sigma_mult=sigma_mult, factor=5.0)
     for clip in (True, False):
-        y = _ext.add_speckle_noise(x, clip=clip, **kw)
+        y = noise_ext.add_speckle_noise(x, clip=clip, **kw)
         assert_close(y, expected_noise(x, clip=clip, **kw), atol=1e-5, rtol=1e-5, name=f"y clip={clip}")
 
 
 @pytest.mark.parametrize("dtype,ulp", [(torch.float16, 2.0**-10), (torch.bfloat16, 2.0**-7)], ids=str)
 def test_half_precision_rounds_once(dtype, ulp):
     x = torch.rand(3, 2, 17, 9).to(dtype)
-    y = _ext.add_speckle_noise(x, seed=5, offset=11)
+    y = noise_ext.add_speckle_noise(x, seed=5, offset=11)
     assert y.dtype == dtype and y.shape == x.shape
     assert_close(y, expected_noise(x, seed=5, offset=11, distribution="gaussian"), atol=ulp, rtol=ulp, name="y")
 
@@ -72,13 +72,13 @@ def test_half_precision_rounds_once(dtype, ulp):
 def test_shapes_and_splitting():
     # 0-d and 1-d tensors are one image; rows k: with offset + k*numel_per_image repeat the batch
     for x in (torch.rand(()), torch.rand(1000), torch.rand(2, 3, 4, 5).permute(0, 2, 3, 1)):
-        assert_close(_ext.add_speckle_noise(x, seed=3, sigma_mult=(0.1, 0.5)),
+        assert_close(noise_ext.add_speckle_noise(x, seed=3, sigma_mult=(0.1, 0.5)),
                      expected_noise(x.contiguous(), seed=3, offset=0, distribution="gaussian", sigma_mult=(0.1, 0.5)),
                      atol=1e-5, rtol=1e-5, name=f"shape {tuple(x.shape)}")
-    assert _ext.add_speckle_noise(torch.rand(0, 3)).shape == (0, 3)
+    assert noise_ext.add_speckle_noise(torch.rand(0, 3)).shape == (0, 3)
     u8 = torch.randint(0, 256, (6, 1, 20, 30), dtype=torch.uint8)
-    whole, _ = _ext.make_noisy_batch(u8, seed=9, offset=4, sigma_mult=(0.1, 0.75))
-    part, _ = _ext.make_noisy_batch(u8[2:], seed=9, offset=4 + 2 * 600, sigma_mult=(0.1, 0.75))
+    whole, _ = noise_ext.make_noisy_batch(u8, seed=9, offset=4, sigma_mult=(0.1, 0.75))
+    part, _ = noise_ext.make_noisy_batch(u8[2:], seed=9, offset=4 + 2 * 600, sigma_mult=(0.1, 0.75))
     assert torch.equal(whole[2:], part)
 
 
@@ -86,7 +86,7 @@ def test_shapes_and_splitting():
 @pytest.mark.parametrize("distribution", ["gaussian", "rayleigh"])
 def test_noisy_batch(out_dtype, distribution, lanes):
     u8 = torch.randint(0, 256, (4, 1, 19, 23), dtype=torch.uint8)
-    noisy, clean = _ext.make_noisy_batch(u8, seed=42, offset=7, distribution=distribution,
+    noisy, clean = noise_ext.make_noisy_batch(u8, seed=42, offset=7, distribution=distribution,
                                          sigma_mult=(0.1, 0.75), out_dtype=out_dtype)
     v = u8.float() / 255.0
     y = expected_noise(v, seed=42, offset=7, distribution=distribution, sigma_mult=(0.1, 0.75))
@@ -94,7 +94,7 @@ def test_noisy_batch(out_dtype, distribution, lanes):
     assert noisy.dtype == clean.dtype == out_dtype
     assert torch.equal(clean, (2.0 * v - 1.0).to(out_dtype))
     assert_close(noisy, 2.0 * y - 1.0, atol=tol, rtol=tol, name="noisy")
-    single = _ext.add_speckle_noise(v, seed=42, offset=7, distribution=distribution, sigma_mult=(0.1, 0.75))
+    single = noise_ext.add_speckle_noise(v, seed=42, offset=7, distribution=distribution, sigma_mult=(0.1, 0.75))
     assert_close(noisy.float(), 2 * single - 1, atol=tol, rtol=tol, name="batch vs add_speckle_noise")
 
 
@@ -106,10 +106,10 @@ def test_same_numbers_as_triton_interpreter():
     x = torch.rand(3, 1, 16, 20)
     for distribution in ("gaussian", "rayleigh"):
         kw = dict(seed=2**40 + 3, offset=123, distribution=distribution, sigma_mult=(0.1, 0.75), factor=5.0)
-        assert_close(_ext.add_speckle_noise(x, **kw), noise.add_speckle_noise(x, backend="triton", **kw),
+        assert_close(noise_ext.add_speckle_noise(x, **kw), noise.add_speckle_noise(x, backend="triton", **kw),
                      atol=1e-5, rtol=1e-5, name=distribution)
     u8 = torch.randint(0, 256, (2, 1, 8, 9), dtype=torch.uint8)
-    for got, want in zip(_ext.make_noisy_batch(u8, seed=1, offset=2),
+    for got, want in zip(noise_ext.make_noisy_batch(u8, seed=1, offset=2),
                          noise.make_noisy_batch(u8, seed=1, offset=2, backend="triton")):
         assert_close(got, want, atol=2e-5, rtol=1e-5, name="batch")
 
@@ -121,27 +121,27 @@ def test_independent_of_thread_count():
         outs = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            outs.append(_ext.add_speckle_noise(x, seed=11, sigma_mult=(0.1, 0.9)))
+            outs.append(noise_ext.add_speckle_noise(x, seed=11, sigma_mult=(0.1, 0.9)))
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
 @pytest.mark.parametrize("call,pattern", [
-    (lambda: _ext.add_speckle_noise(torch.randint(0, 5, (3, 4))), "float32, float16 or bfloat16"),
-    (lambda: _ext.add_speckle_noise(torch.rand(3, 4).double()), "got Double"),
-    (lambda: _ext.add_speckle_noise(torch.rand(3, 4), seed=-1), "seed and offset must be >= 0"),
-    (lambda: _ext.add_speckle_noise(torch.rand(3, 4), sigma_mult=(0.5, 0.1)), "sigma_low <= sigma_high"),
-    (lambda: _ext.make_noisy_batch(torch.rand(2, 1, 4, 4)), "clean_u8 must be uint8"),
-    (lambda: _ext.make_noisy_batch(torch.zeros(2, 4, 4, dtype=torch.uint8)), "must be 4-d"),
-    (lambda: _ext.make_noisy_batch(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), out_dtype=torch.int32),
+    (lambda: noise_ext.add_speckle_noise(torch.randint(0, 5, (3, 4))), "float32, float16 or bfloat16"),
+    (lambda: noise_ext.add_speckle_noise(torch.rand(3, 4).double()), "got Double"),
+    (lambda: noise_ext.add_speckle_noise(torch.rand(3, 4), seed=-1), "seed and offset must be >= 0"),
+    (lambda: noise_ext.add_speckle_noise(torch.rand(3, 4), sigma_mult=(0.5, 0.1)), "sigma_low <= sigma_high"),
+    (lambda: noise_ext.make_noisy_batch(torch.rand(2, 1, 4, 4)), "clean_u8 must be uint8"),
+    (lambda: noise_ext.make_noisy_batch(torch.zeros(2, 4, 4, dtype=torch.uint8)), "must be 4-d"),
+    (lambda: noise_ext.make_noisy_batch(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), out_dtype=torch.int32),
      "out_dtype must be float32, bfloat16 or float16"),
 ])
 def test_bad_arguments_raise(call, pattern):
     with pytest.raises(RuntimeError, match=pattern):
         call()
     with pytest.raises(ValueError, match="distribution"):
-        _ext.add_speckle_noise(torch.rand(3), distribution="poisson")
+        noise_ext.add_speckle_noise(torch.rand(3), distribution="poisson")
 
 
 def test_lane_widths_give_the_same_bits(monkeypatch):
@@ -154,10 +154,10 @@ def test_lane_widths_give_the_same_bits(monkeypatch):
     outs = []
     for width in (16, 8):
         monkeypatch.setenv("SPECKLE_CPU_NOISE_LANES", str(width))
-        outs.append([_ext.add_speckle_noise(x, seed=2**40 + 5, offset=2**32 - 100, factor=5.0,
+        outs.append([noise_ext.add_speckle_noise(x, seed=2**40 + 5, offset=2**32 - 100, factor=5.0,
                                             sigma_mult=(0.1, 0.7), distribution=d, clip=False)
                      for d in ("gaussian", "rayleigh")]
-                    + list(_ext.make_noisy_batch(u8, seed=3, offset=1, out_dtype=torch.bfloat16)))
+                    + list(noise_ext.make_noisy_batch(u8, seed=3, offset=1, out_dtype=torch.bfloat16)))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
 
@@ -165,7 +165,7 @@ def test_lane_widths_give_the_same_bits(monkeypatch):
 def test_unknown_lane_width_is_refused(monkeypatch):
     monkeypatch.setenv("SPECKLE_CPU_NOISE_LANES", "32")
     with pytest.raises(ValueError, match=r"SPECKLE_CPU_NOISE_LANES must name a built path.*'32'"):
-        _ext.add_speckle_noise(torch.rand(2, 3))
+        noise_ext.add_speckle_noise(torch.rand(2, 3))
 
 
 def test_standard_normals_against_the_stream_in_float64(lanes):
@@ -174,7 +174,8 @@ def test_standard_normals_against_the_stream_in_float64(lanes):
     # differ from the float64 value of the same float inputs (u, and the float angle theta of the
     # stream) by ~6 ulp relative through rho and the products, plus 2 ulp of 1 times rho through
     # cos: bound 8 * 2^-24 * |n| + 2^-22 * rho.
-    from speckle_kernels.noise import _U32, _uniform_torch, philox4x32_10
+    from speckle_kernels.noise_stream import U32 as _U32
+    from speckle_kernels.reference import _uniform_torch, philox4x32_10
 
     numel, seed, offset = 1 << 20, 20251125, 3
     e = offset + torch.arange(numel, dtype=torch.int64)
@@ -189,9 +190,9 @@ def test_standard_normals_against_the_stream_in_float64(lanes):
 
     kw = dict(seed=seed, offset=offset, distribution="gaussian", clip=False)
     # v = 1, factor*sigma = 1, sigma_add = 0: y = 1 + n1 (one more rounding: ulp(1 + n1) / 2)
-    y1 = _ext.add_speckle_noise(torch.ones(1, numel), factor=1.0, sigma_mult=1.0, sigma_add=0.0, **kw)
+    y1 = noise_ext.add_speckle_noise(torch.ones(1, numel), factor=1.0, sigma_mult=1.0, sigma_add=0.0, **kw)
     # v = 0, sigma_add = 1: y = n2 exactly
-    y2 = _ext.add_speckle_noise(torch.zeros(1, numel), factor=1.0, sigma_mult=1.0, sigma_add=1.0, **kw)
+    y2 = noise_ext.add_speckle_noise(torch.zeros(1, numel), factor=1.0, sigma_mult=1.0, sigma_add=1.0, **kw)
     for got, (want, rho), extra in ((y1.flatten().double() - 1.0, oracle(r0, r1), 2.0**-21),
                                     (y2.flatten().double(), oracle(r2, r3), 0.0)):
         bound = 8 * 2.0**-24 * want.abs() + 2.0**-22 * rho + extra

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import speckle_kernels as sk
-from speckle_kernels.batch_renorm import (batch_renorm_triton_backward, batch_renorm_triton_normalize,
+from speckle_kernels.batch_renorm_triton import (batch_renorm_triton_backward, batch_renorm_triton_normalize,
                                           batch_renorm_triton_statistics)
 from speckle_kernels.sync_batch_renorm import (SyncFusedBatchRenorm, convert_batchrenorm,
                                                convert_sync_batchrenorm)
