@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     text = "\n".join(head + [line for s in sections for line in s + [""]])
     print(text)
     if args.out:
-        from models.train import atomic_write_text
+        from speckle_kernels.atomic_write import atomic_write_text
 
         atomic_write_text(args.out, text)
     return 0

@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        from models.train import atomic_write_text
+        from speckle_kernels.atomic_write import atomic_write_text
 
         atomic_write_text(args.out, text)
     return 0

@@ -39,17 +39,20 @@ def check_model_name(name: str) -> str:
 
 
 def build_model(name: str, *, norm: str | None = None, width: int = 32,
-                dropout: float | None = None) -> nn.Module:
+                dropout: float | None = None, norm_backend: str = "auto") -> nn.Module:
     """A fresh network. norm applies to the U-Nets only (default: batchnorm for D-U-Net,
-    fused BatchRenorm for Br-U-Net); dropout defaults to Table 1's value."""
+    fused BatchRenorm for Br-U-Net); norm_backend picks the fused layers' kernels
+    (speckle_kernels backends; norm="reference" always runs the reference); dropout defaults
+    to Table 1's value."""
     check_model_name(name)
     if dropout is None:
         dropout = PAPER_HPARAMS[name]["dropout"]
     if name == "di-conv-ae":
         return DiConvAE(channels=width, dropout=dropout)
     if name == "d-unet":
-        return d_unet(dropout=dropout, norm=norm or "batchnorm", base_channels=width)
-    return br_unet(dropout=dropout, norm=norm or "fused", base_channels=width)
+        return d_unet(dropout=dropout, norm=norm or "batchnorm", base_channels=width,
+                      norm_backend=norm_backend)
+    return br_unet(dropout=dropout, norm=norm or "fused", base_channels=width, norm_backend=norm_backend)
 
 
 __all__ = ["DiConvAE", "UNet", "d_unet", "br_unet", "build_model", "check_model_name",

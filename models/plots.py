@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from speckle_kernels.atomic_write import atomic_write_bytes
+
 
 def _figure():
     import matplotlib
@@ -21,8 +23,6 @@ def _figure():
 
 
 def _save(fig, path: Path) -> None:
-    from .train import atomic_write_bytes
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     _figure().close(fig)

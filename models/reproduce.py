@@ -30,9 +30,13 @@ import torch
 from speckle_kernels.metrics import from_normalized, psnr, ssim
 
 from . import DISPLAY_NAMES, MODEL_NAMES, NORMS, PAPER_NOISE_FACTORS
-from .train import (PRESETS, TEST_NOISE_SEED, VAL_NOISE_SEED, TrainConfig, add_common_arguments,
-                    atomic_write_text, config_from_args, image_scores, load_data, noisy_eval_set,
-                    predict, resolve_device, train)
+from speckle_kernels.atomic_write import atomic_write_text
+
+from .config import (PRESETS, TEST_NOISE_SEED, VAL_NOISE_SEED, TrainConfig, add_common_arguments,
+                     config_from_args, resolve_device)
+from .evaluate import image_scores, load_data, noisy_eval_set, predict
+from .loop import train
+from .plots import table2_curves
 
 # The paper's Table 2, copied from the seed (train loss, validation loss, PSNR, SSIM, run time).
 PAPER_TABLE2 = {
@@ -208,8 +212,6 @@ def main(argv: list[str] | None = None) -> int:
            "classical": {f"x{f:g}": {k: {kk: vv for kk, vv in v.items()} for k, v in rows.items()}
                          for f, rows in classical.items()}}
     atomic_write_text(out / "table2.json", json.dumps(doc, indent=2) + "\n")
-    from .plots import table2_curves
-
     table2_curves({f"{DISPLAY_NAMES[m]} x{f:g}": v["history"] for (m, f), v in nets.items()},
                   out / "table2_val_loss.png", title=f"validation loss, preset {args.preset}")
     print(text)

@@ -42,6 +42,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from speckle_kernels import FusedBatchRenorm2d
+
 NORMS = ("fused", "reference", "batchnorm")
 ACTIVATIONS = ("relu", "leaky_relu")
 
@@ -55,15 +57,14 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple
     return x, (h, w)
 
 
-def make_norm(kind: str, channels: int) -> nn.Module:
-    """BatchNorm2d, or the package's BatchRenorm (fused kernels or the plain-torch reference)."""
+def make_norm(kind: str, channels: int, backend: str = "auto") -> nn.Module:
+    """BatchNorm2d, or the package's BatchRenorm: fused kernels (on `backend`) or the
+    plain-torch reference."""
     if kind == "batchnorm":
         return nn.BatchNorm2d(channels)
     if kind in ("fused", "reference"):
-        from speckle_kernels import FusedBatchRenorm2d  # imported late: models import without it
-
         return FusedBatchRenorm2d(channels, eps=1e-3, momentum=0.01,
-                                  backend="auto" if kind == "fused" else "reference")
+                                  backend=backend if kind == "fused" else "reference")
     raise ValueError(f"unknown norm {kind!r}; expected one of {', '.join(NORMS)}")
 
 
@@ -78,12 +79,12 @@ def make_activation(kind: str) -> nn.Module:
 class _ConvUnit(nn.Sequential):
     """[Dropout] -> Conv 3x3 -> Norm -> Act [-> Norm]."""
 
-    def __init__(self, cin, cout, *, norm, act, dropout, dilation, post_norm=False):
+    def __init__(self, cin, cout, *, norm, act, dropout, dilation, norm_backend="auto", post_norm=False):
         layers = [nn.Dropout(dropout)] if dropout > 0 else []
         layers += [nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation),
-                   make_norm(norm, cout), make_activation(act)]
+                   make_norm(norm, cout, norm_backend), make_activation(act)]
         if post_norm:
-            layers.append(make_norm(norm, cout))
+            layers.append(make_norm(norm, cout, norm_backend))
         super().__init__(*layers)
 
 
@@ -91,7 +92,8 @@ class UNet(nn.Module):
     """The paper's denoising U-Net; see the module docstring for the layout and the choices."""
 
     def __init__(self, *, norm: str = "batchnorm", activation: str = "relu", dropout: float = 0.1,
-                 base_channels: int = 32, depth: int = 4, dilation: int = 1, in_channels: int = 1):
+                 base_channels: int = 32, depth: int = 4, dilation: int = 1, in_channels: int = 1,
+                 norm_backend: str = "auto"):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; expected one of {', '.join(NORMS)}")
@@ -99,7 +101,7 @@ class UNet(nn.Module):
             raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
         if depth < 1 or base_channels < 1 or not 0 <= dropout < 1:
             raise ValueError("depth and base_channels must be >= 1 and dropout in [0, 1)")
-        kw = dict(norm=norm, act=activation, dilation=dilation)
+        kw = dict(norm=norm, act=activation, dilation=dilation, norm_backend=norm_backend)
         widths = [base_channels * 2 ** i for i in range(depth + 1)]  # the last is the bottleneck
         self.depth = depth
         self.stem = _ConvUnit(in_channels, widths[0], dropout=0.0, **kw)

@@ -53,6 +53,19 @@ def test_norm_and_activation_switch():
     assert any(isinstance(m, nn.BatchNorm2d) for m in bn.modules())
 
 
+def test_norm_backend_reaches_every_fused_layer():
+    from speckle_kernels import FusedBatchRenorm2d
+
+    def backends(model):
+        return {m.backend for m in model.modules() if isinstance(m, FusedBatchRenorm2d)}
+
+    assert backends(build_model("br-unet", width=4, norm_backend="cpu")) == {"cpu"}
+    # the reference network stays the reference whatever kernels the fused layers would use
+    assert backends(build_model("br-unet", norm="reference", width=4, norm_backend="cpu")) == {"reference"}
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        build_model("br-unet", width=4, norm_backend="gpu")
+
+
 def test_table1_defaults():
     assert [PAPER_HPARAMS[m]["lr"] for m in MODEL_NAMES] == [0.01, 0.005, 0.0001]
     for name in MODEL_NAMES:

@@ -9,8 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from models import checkpoint as C
+from models import loop as L
 from models import reproduce
 from models import train as T
+from models.config import TrainConfig
+from speckle_kernels import atomic_write
 from speckle_kernels.data import load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +37,7 @@ def tiny_config(out, **kw):
     base = dict(model="br-unet", out=str(out), noise_factor=5.0, epochs=2, batch_size=4, width=4,
                 image_size=16, count=24, test_count=8, device="cpu", progress=False, seed=3)
     base.update(kw)
-    return T.TrainConfig(**base)
+    return TrainConfig(**base)
 
 
 def _equal_state(a, b):
@@ -48,30 +52,30 @@ def _strip_times(history):
 
 @pytest.mark.parametrize("model,norm", [("br-unet", "fused"), ("di-conv-ae", None)])
 def test_resume_after_kill_is_bit_exact(tmp_path, tiny_data, model, norm):
-    straight = T.train(tiny_config(tmp_path / "a", model=model, norm=norm), data=tiny_data, plots=False)
+    straight = L.train(tiny_config(tmp_path / "a", model=model, norm=norm), data=tiny_data, plots=False)
 
     def kill(epoch, step):
         if epoch == 1 and step == 2:  # mid-way through the second epoch
-            raise T.StopTraining
+            raise L.StopTraining
 
-    with pytest.raises(T.StopTraining):
-        T.train(tiny_config(tmp_path / "b", model=model, norm=norm), data=tiny_data, on_step=kill,
+    with pytest.raises(L.StopTraining):
+        L.train(tiny_config(tmp_path / "b", model=model, norm=norm), data=tiny_data, on_step=kill,
                 plots=False)
-    assert T.load_checkpoint(tmp_path / "b" / T.CHECKPOINT_NAME)["epoch"] == 1
+    assert C.load_checkpoint(tmp_path / "b" / C.CHECKPOINT_NAME)["epoch"] == 1
     assert not [p for p in (tmp_path / "b").iterdir() if p.name.startswith(".")]  # no temp files
-    resumed = T.train(tiny_config(tmp_path / "b", model=model, norm=norm), data=tiny_data,
+    resumed = L.train(tiny_config(tmp_path / "b", model=model, norm=norm), data=tiny_data,
                       resume=True, plots=False)
     _equal_state(straight.model.state_dict(), resumed.model.state_dict())
     assert _strip_times(straight.history) == _strip_times(resumed.history)
-    a = torch.load(tmp_path / "a" / T.CHECKPOINT_NAME, weights_only=True)
-    b = torch.load(tmp_path / "b" / T.CHECKPOINT_NAME, weights_only=True)
+    a = torch.load(tmp_path / "a" / C.CHECKPOINT_NAME, weights_only=True)
+    b = torch.load(tmp_path / "b" / C.CHECKPOINT_NAME, weights_only=True)
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
 
 
 def test_checkpoint_and_metrics_files(tmp_path, tiny_data):
-    T.train(tiny_config(tmp_path, epochs=1), data=tiny_data)
-    ckpt = torch.load(tmp_path / T.CHECKPOINT_NAME, weights_only=True)
-    assert ckpt["format"] == T.CHECKPOINT_FORMAT and ckpt["epoch"] == 1
+    L.train(tiny_config(tmp_path, epochs=1), data=tiny_data)
+    ckpt = torch.load(tmp_path / C.CHECKPOINT_NAME, weights_only=True)
+    assert ckpt["format"] == C.CHECKPOINT_FORMAT and ckpt["epoch"] == 1
     doc = json.loads((tmp_path / "metrics.json").read_text())
     assert [h["epoch"] for h in doc["history"]] == [1]
     assert {"train_loss", "val_loss", "val_psnr", "val_ssim", "epoch_time_s"} <= set(doc["history"][0])
@@ -81,25 +85,25 @@ def test_checkpoint_and_metrics_files(tmp_path, tiny_data):
 
 
 def test_corrupt_and_foreign_checkpoints(tmp_path, tiny_data):
-    path = tmp_path / T.CHECKPOINT_NAME
+    path = tmp_path / C.CHECKPOINT_NAME
     path.write_bytes(b"not a zip file at all")
     with pytest.raises(ValueError, match="not a readable checkpoint"):
-        T.load_checkpoint(path)
+        C.load_checkpoint(path)
     with pytest.raises(ValueError, match="not a readable checkpoint"):
-        T.train(tiny_config(tmp_path), data=tiny_data, resume=True)
+        L.train(tiny_config(tmp_path), data=tiny_data, resume=True)
     torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
     with pytest.raises(ValueError, match="not a speckle-train checkpoint"):
-        T.load_checkpoint(path)
+        C.load_checkpoint(path)
     # A checkpoint of another model, or of other settings, is refused before anything is written.
     other = tmp_path / "other"
-    T.train(tiny_config(other, model="d-unet", epochs=1), data=tiny_data, plots=False)
+    L.train(tiny_config(other, model="d-unet", epochs=1), data=tiny_data, plots=False)
     before = {p.name: p.stat().st_mtime_ns for p in other.iterdir()}
     with pytest.raises(ValueError, match="holds a 'd-unet' run"):
-        T.train(tiny_config(other, model="br-unet"), data=tiny_data, resume=True)
+        L.train(tiny_config(other, model="br-unet"), data=tiny_data, resume=True)
     with pytest.raises(ValueError, match="other settings"):
-        T.train(tiny_config(other, model="d-unet", noise_factor=1.0), data=tiny_data, resume=True)
+        L.train(tiny_config(other, model="d-unet", noise_factor=1.0), data=tiny_data, resume=True)
     with pytest.raises(ValueError, match="already holds a checkpoint"):
-        T.train(tiny_config(other, model="d-unet"), data=tiny_data)
+        L.train(tiny_config(other, model="d-unet"), data=tiny_data)
     assert {p.name: p.stat().st_mtime_ns for p in other.iterdir()} == before
 
 
@@ -110,9 +114,9 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(T.os, "replace", boom)
+    monkeypatch.setattr(atomic_write.os, "replace", boom)
     with pytest.raises(OSError):
-        T.atomic_write_text(target, "new")
+        atomic_write.atomic_write_text(target, "new")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 

@@ -1,0 +1,168 @@
+"""What a training run is: its settings (TrainConfig), the two presets and the command-line
+options that fill them, shared by speckle-train and speckle-reproduce.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from speckle_kernels._backend import BACKENDS, check_backend_name
+from speckle_kernels.noise_stream import DEFAULT_SIGMA_ADD, DEFAULT_SIGMA_MULT, DISTRIBUTIONS
+
+from . import NORMS, PAPER_BATCH_SIZE, PAPER_EPOCHS, PAPER_HPARAMS, check_model_name
+
+# Seeds of the evaluation noise: fixed, so every model and run sees the same noisy images.
+VAL_NOISE_SEED = 20_240_001
+TEST_NOISE_SEED = 20_240_002
+
+# Presets: "paper" is section 2/Table 1 (128x128, all images, 10 epochs, batch 32, width 32,
+# Table 1's learning rates). "quick" is the same code path sized for a busy 2-core CPU: 500
+# phantom images at 48x48, width 16, batch 4 and 6 epochs (600 optimizer steps, against ~1400
+# for the paper preset). In ~500 steps Table 1's rates fail two of the models: Di-Conv-AE's
+# 0.01 saturates its tanh units and stalls near the mean image, Br-U-Net's 0.0001 barely moves
+# (section 2.2 itself says batch renormalization allows *higher* rates), so quick uses the
+# rates below; --lr overrides either preset. Quick also runs one intra-op CPU thread: on a
+# machine shared with other jobs, two OpenMP threads per process were measured 10-20x slower
+# per step than one (spin-waiting threads fighting for the cores). --threads overrides.
+PRESETS = {
+    "paper": dict(image_size=128, count=None, test_count=None, epochs=PAPER_EPOCHS,
+                  batch_size=PAPER_BATCH_SIZE, width=32, threads=None,
+                  lr={m: h["lr"] for m, h in PAPER_HPARAMS.items()}),
+    "quick": dict(image_size=48, count=500, test_count=64, epochs=6, batch_size=4, width=16,
+                  threads=1,
+                  lr={"di-conv-ae": 0.004, "d-unet": 0.005, "br-unet": 0.002}),
+}
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    out: str
+    noise_factor: float = 1.0
+    data: str = "phantom"
+    preset: str = "quick"
+    epochs: int = 6
+    batch_size: int = 4
+    lr: float | None = None          # None: Table 1's rate for the model (the CLI: the preset's)
+    dropout: float | None = None     # None: Table 1's rate for the model
+    width: int = 16
+    image_size: int = 48
+    count: int | None = 500
+    test_count: int | None = 64
+    val_fraction: float = 0.2
+    norm: str | None = None          # U-Nets only; None: batchnorm (D-U-Net) / fused (Br-U-Net)
+    norm_backend: str = "auto"       # the fused layers' kernel backend (speckle_kernels backends)
+    distribution: str = "gaussian"
+    sigma_mult: float | None = None  # None: speckle_kernels.noise defaults
+    sigma_add: float | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: bool | None = None          # None: bf16 autocast on CUDA only
+    channels_last: bool | None = None
+    compile: bool = False
+    cuda_graph: bool = False
+    log_every: int = 20
+    progress: bool = True
+    cache_dir: str | None = None
+    threads: int | None = None       # CPU intra-op threads; None: torch's default
+
+    def resolved(self) -> "TrainConfig":
+        """Fill the model-dependent and noise defaults and check every value."""
+        check_model_name(self.model)
+        c = TrainConfig(**asdict(self))
+        if c.lr is None:
+            c.lr = PAPER_HPARAMS[c.model]["lr"]
+        if c.dropout is None:
+            c.dropout = PAPER_HPARAMS[c.model]["dropout"]
+        if c.model == "di-conv-ae":
+            if c.norm not in (None, "none"):
+                raise ValueError("--norm applies to the U-Nets only (di-conv-ae has no normalization)")
+            c.norm = "none"
+        elif c.norm is None:
+            c.norm = "batchnorm" if c.model == "d-unet" else "fused"
+        elif c.norm not in NORMS:
+            raise ValueError(f"unknown norm {c.norm!r}; expected one of {', '.join(NORMS)}")
+        check_backend_name(c.norm_backend)
+        if c.sigma_mult is None or c.sigma_add is None:
+            c.sigma_mult = DEFAULT_SIGMA_MULT if c.sigma_mult is None else c.sigma_mult
+            c.sigma_add = DEFAULT_SIGMA_ADD if c.sigma_add is None else c.sigma_add
+        if c.preset not in PRESETS:
+            raise ValueError(f"unknown preset {c.preset!r}; expected one of {', '.join(PRESETS)}")
+        if c.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"unknown distribution {c.distribution!r}")
+        for name in ("epochs", "batch_size", "width", "image_size", "log_every"):
+            if getattr(c, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}")
+        if not (c.lr > 0 and math.isfinite(c.lr)) or not 0 < c.val_fraction < 1:
+            raise ValueError("lr must be positive and val_fraction in (0, 1)")
+        if c.noise_factor < 0:
+            raise ValueError(f"noise factor must be >= 0, got {c.noise_factor}")
+        return c
+
+
+# The fields that must agree between a checkpoint and a run that resumes it.
+_RESUME_KEYS = ("model", "noise_factor", "data", "batch_size", "lr", "dropout", "width",
+                "image_size", "count", "val_fraction", "norm", "distribution", "sigma_mult",
+                "sigma_add", "seed", "cuda_graph")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}; expected auto, cpu or cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available")
+    return torch.device(name)
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="quick", help="paper | quick (default quick)")
+    p.add_argument("--data", default="phantom", help="'phantom' or a path to ultrasound images")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--width", type=int, help="channels of the first level (16 quick, 32 paper)")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--count", type=int, help="images to load for train+val (default: preset)")
+    p.add_argument("--test-count", type=int)
+    p.add_argument("--distribution", default="gaussian", choices=DISTRIBUTIONS)
+    p.add_argument("--sigma-mult", type=float, help="multiplicative sigma before the factor")
+    p.add_argument("--sigma-add", type=float, help="additive noise sigma")
+    p.add_argument("--cache-dir")
+    p.add_argument("--threads", type=int, help="CPU threads (quick: 1, paper: torch's default)")
+    p.add_argument("--norm-backend", default="auto",
+                   choices=BACKENDS,
+                   help="kernels of the fused norm layers (default auto: the CUDA extension, else Triton, on a GPU; the C++ kernel on CPU)")
+    p.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    p.add_argument("--cuda-graph", action="store_true", help="capture the training step (CUDA)")
+    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--log-every", type=int, default=20, help="steps between progress reads")
+
+
+def config_from_args(args: argparse.Namespace, *, model: str, noise_factor: float, out: str,
+                     **overrides) -> TrainConfig:
+    """A resolved TrainConfig from the shared CLI options, the preset and per-run overrides
+    (lr, dropout, norm; None keeps the model's default)."""
+    if args.preset not in PRESETS:
+        raise ValueError(f"unknown preset {args.preset!r}; expected one of {', '.join(PRESETS)}")
+    sized = dict(PRESETS[args.preset])
+    sized["lr"] = sized["lr"][model]
+    for key in sized:
+        if getattr(args, key, None) is not None:
+            sized[key] = getattr(args, key)
+    sized.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = TrainConfig(model=model, out=out, noise_factor=noise_factor, data=args.data,
+                      preset=args.preset, distribution=args.distribution,
+                      sigma_mult=args.sigma_mult, sigma_add=args.sigma_add, seed=args.seed,
+                      device=args.device, amp=False if args.no_amp else None,
+                      compile=args.compile, cuda_graph=args.cuda_graph, log_every=args.log_every,
+                      norm_backend=args.norm_backend,
+                      progress=not args.no_progress, cache_dir=args.cache_dir, **sized)
+    return cfg.resolved()
