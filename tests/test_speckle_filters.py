@@ -27,6 +27,16 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device on this machine"))]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: on a shared 2-core machine, two intra-op threads spin against each other
+    # and make these calls 10-50x slower than one thread.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def random_images(shape, *, zeros=False) -> torch.Tensor:
     """Fresh uniform draws in [0.05, 0.95] (conftest reseeds per test); optionally a block of
     exact zeros (an anechoic region) in image 0."""
