@@ -1,0 +1,123 @@
+"""models.baselines: the speckle filters in the tuned baselines, their timing, optional BM3D."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from models import baselines, speckle_filters
+from models.baselines import (FILTERS, GRIDS, TORCH_FILTERS, apply_all, apply_filter,
+                              available_filters, bm3d_denoise, missing_filters, run_baselines, tune)
+
+HAS_BM3D = importlib.util.find_spec("bm3d") is not None
+RESULT_KEYS = {"params", "denoised", "time_s", "seconds_per_image", "tune_time_s", "n_images", "device"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: on a shared 2-core machine, two intra-op threads spin against each other
+    # and make these calls 10-50x slower than one thread.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def speckled(n: int, h: int = 20, w: int = 20):
+    """(noisy, clean) float64 stacks: smooth images times unit-mean gamma(4) speckle."""
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h, dtype=torch.float64),
+                            torch.linspace(0, 1, w, dtype=torch.float64), indexing="ij")
+    phase = torch.rand(n, 1, 1, dtype=torch.float64) * 6
+    clean = 0.3 + 0.2 * torch.sin(3 * xx + 2 * yy + phase)
+    speckle = torch.distributions.Gamma(torch.tensor(4.0, dtype=torch.float64),
+                                        torch.tensor(4.0, dtype=torch.float64)).sample(clean.shape)
+    return (clean * speckle).clamp(0, 1).numpy(), clean.numpy()
+
+
+def test_grids_and_names():
+    assert set(TORCH_FILTERS) | {"bm3d"} <= set(FILTERS)
+    assert set(FILTERS) == set(baselines.DISPLAY_NAMES)
+    for name in FILTERS:
+        assert GRIDS[name] and all(len(v) >= 2 for v in GRIDS[name].values()), name
+    assert all(w % 2 == 1 for name in ("lee", "kuan", "frost") for w in GRIDS[name]["window"])
+
+
+@pytest.mark.parametrize("name", TORCH_FILTERS)
+def test_torch_filters_run_on_the_whole_stack(name, monkeypatch):
+    noisy, _ = speckled(3)
+    params = {k: v[0] for k, v in GRIDS[name].items()}
+    calls = []
+    real = getattr(speckle_filters, {"srad": "srad"}.get(name, f"{name}_filter"))
+
+    def spy(x, **kw):
+        calls.append(tuple(x.shape))
+        return real(x, **kw)
+
+    monkeypatch.setattr(speckle_filters, real.__name__, spy)
+    out = apply_all(name, noisy, **params)
+    assert calls == [(3, 20, 20)]                   # one batched call, not one per image
+    assert out.shape == noisy.shape and out.dtype == np.float64
+    want = real(torch.from_numpy(noisy), **params).double().numpy()
+    assert np.array_equal(out, want)
+    one = apply_filter(name, noisy[1], **params)    # the single-image entry point agrees
+    assert np.abs(one - out[1]).max() <= 1e-6       # float32, batched vs alone
+
+
+def test_run_baselines_tunes_times_and_keeps_keys():
+    val_noisy, val_clean = speckled(3)
+    test_noisy, test_clean = speckled(4)
+    names = ("median", "lee", "kuan", "frost", "srad")
+    out = run_baselines(val_noisy, val_clean, test_noisy, filters=names)
+    assert tuple(out) == names
+    for name, res in out.items():
+        assert set(res) == RESULT_KEYS, name
+        assert set(res["params"]) == set(GRIDS[name])
+        assert all(res["params"][k] in GRIDS[name][k] for k in res["params"])
+        assert res["params"] == tune(name, val_noisy, val_clean)
+        assert res["denoised"].shape == test_noisy.shape
+        assert res["n_images"] == 4 and res["device"] == "cpu"
+        assert res["time_s"] > 0 and res["seconds_per_image"] == pytest.approx(res["time_s"] / 4)
+        assert res["tune_time_s"] > 0
+        # every tuned filter beats the noisy input on these speckled images
+        assert baselines._psnr(res["denoised"], test_clean) > baselines._psnr(test_noisy, test_clean), name
+
+
+def test_run_baselines_rejects_unknown_names():
+    noisy, clean = speckled(1)
+    with pytest.raises(ValueError, match="'wiener'"):
+        run_baselines(noisy, clean, noisy, filters=["lee", "wiener"])
+
+
+def test_bm3d_absent_is_reported(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bm3d", None)     # makes `import bm3d` fail
+    assert "bm3d" in missing_filters() and "pip install bm3d" in missing_filters()["bm3d"]
+    assert "non-commercial" in missing_filters()["bm3d"]
+    assert "bm3d" not in available_filters() and "srad" in available_filters()
+    noisy, clean = speckled(1, 12, 12)
+    with pytest.raises(ImportError, match="pip install bm3d"):
+        bm3d_denoise(noisy[0], 0.1)
+    with pytest.raises(ImportError, match="bm3d"):
+        run_baselines(noisy, clean, noisy, filters=["lee", "bm3d"])
+    out = run_baselines(noisy, clean, noisy)            # default: the available filters only
+    assert tuple(out) == available_filters()
+
+
+@pytest.mark.skipif(not HAS_BM3D, reason="optional package bm3d not installed (pip install bm3d)")
+def test_bm3d_wrapper_denoises_a_tiny_image():
+    assert "bm3d" not in missing_filters() and "bm3d" in available_filters()
+    yy, xx = np.mgrid[0:24, 0:24] / 23.0
+    clean = 0.3 + 0.4 * ((xx > 0.5) ^ (yy > 0.4))      # a blocky image with sharp edges
+    noisy = clean + 0.1 * torch.randn(24, 24, dtype=torch.float64).numpy()
+    out = bm3d_denoise(noisy, 0.1)
+    assert out.shape == clean.shape and out.dtype == np.float64
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    assert ((out - clean) ** 2).mean() < 0.5 * ((noisy - clean) ** 2).mean()
+    with pytest.raises(ValueError, match="got 0.0"):
+        bm3d_denoise(noisy, 0.0)
+    with pytest.raises(ValueError, match=r"\(2, 24, 24\)"):
+        bm3d_denoise(np.stack([noisy, noisy]), 0.1)
+    via_table = apply_filter("bm3d", noisy, sigma_factor=1.0)
+    assert via_table.shape == clean.shape
