@@ -21,9 +21,9 @@ estimate per image: the median of the local C_z^2 (window w) over the pixels who
 exceeds HOMOGENEOUS_FLOOR (0.25) times the image mean. In a homogeneous speckled region
 C_z^2 ~ C_u^2; the median down-weights edges and texture (larger C_z^2), and the floor drops
 dark (anechoic) regions, where an additive noise floor makes C_z^2 meaningless. The median is
-the lower one for an even count (torch.nanmedian); 0 when no pixel qualifies. The filters
-multiply the estimate by a tunable `cu2_factor` (SRAD: q0 by `q0_factor`), as the NL-means
-baseline multiplies its noise estimate.
+the lower one for an even count (torch.nanmedian); 0 when no pixel qualifies. Lee and Kuan
+use C_u^2 = cu2_factor * (cu2 if given, else this estimate); the tunable factor plays the
+role of the NL-means baseline's multiple of its noise estimate.
 
 Lee (Lee 1980, "Digital image enhancement and noise filtering by use of local statistics",
 IEEE TPAMI 2(2):165-168), multiplicative case with the linearised model
@@ -58,7 +58,8 @@ dt <= 1/4 (the stability bound enforced here; codes that write the step as (lamb
 have lambda = 4 dt). Edges: zero flux (Neumann; replicate padding, so differences across the
 border are 0). In the divisions I is floored at EPS (1e-6): intensities are assumed >= 0.
 q0(t) = q0 exp(-rho t) at diffusion time t = n dt of step n (Yu & Acton's approximation);
-q0 = q0_factor * sqrt(speckle_cv2(input, window)) unless given; rho defaults to 1/6.
+q0 = q0_factor * (q0 if given, else sqrt(speckle_cv2(input, window))), floored at EPS;
+rho defaults to 1/6.
 """
 from __future__ import annotations
 
