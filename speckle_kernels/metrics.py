@@ -29,7 +29,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["psnr", "ssim", "gaussian_window", "from_normalized"]
+# The no-reference speckle metrics live in their own module (this one stays the paper's PSNR
+# and SSIM) and are re-exported here so that one import gives every metric.
+from .speckle_metrics import box_mask, cnr, enl, gcnr, homogeneous_windows, region_stats, speckle_snr
+
+__all__ = ["psnr", "ssim", "gaussian_window", "from_normalized", "box_mask", "region_stats",
+           "speckle_snr", "enl", "cnr", "gcnr", "homogeneous_windows"]
 
 K1, K2 = 0.01, 0.03
 
