@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from speckle_kernels.layers import _FusedBatchRenorm
+from speckle_kernels import FusedBatchRenorm1d, FusedBatchRenorm2d, FusedBatchRenorm3d, SyncFusedBatchRenorm
 
 __all__ = ["ChannelAffine", "fold_norms", "norm_affine", "norm_modules", "export_model",
            "onnx_predict", "UNFOLDABLE_POLICIES", "EXPORT_FORMATS"]
@@ -58,7 +58,8 @@ EXPORT_FORMATS = ("onnx", "torch_export")
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 # Identities in eval mode: a norm after conv -> dropout still reads the conv's output.
 _TRANSPARENT = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
-_NORMS = (_FusedBatchRenorm, _BatchNorm)
+_RENORMS = (FusedBatchRenorm1d, FusedBatchRenorm2d, FusedBatchRenorm3d, SyncFusedBatchRenorm)
+_NORMS = _RENORMS + (_BatchNorm,)  # _BatchNorm: BatchNorm1d/2d/3d, SyncBatchNorm, the lazy ones
 
 
 class ChannelAffine(nn.Module):
@@ -88,7 +89,7 @@ def norm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def norm_affine(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift), float64 of shape (C,), with norm.eval()(x) == scale * x + shift per channel."""
     with torch.no_grad():
-        if isinstance(norm, _FusedBatchRenorm):
+        if isinstance(norm, _RENORMS):
             rm = norm.running_mean.double()
             inv_std = 1.0 / norm.running_std.double()
             weight = norm.weight.double() if norm.weight is not None else torch.ones_like(rm)
@@ -153,7 +154,6 @@ class _Folder:
         self.unfoldable = unfoldable
         # A module object reachable from two places is shared: folding it would change both.
         self.uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-        self.folded = 0
 
     def walk(self, module: nn.Module, prefix: str, feeder: nn.Module | None) -> None:
         """Fold the norms below `module`; `feeder` is the conv whose output is module's input
@@ -193,9 +193,9 @@ class _Folder:
                 raise ValueError(f"{path}: {type(norm).__name__} has {scale.numel()} channels but the "
                                  f"preceding {type(conv).__name__} has {conv.out_channels} outputs")
             _fold_into_conv(conv, scale, shift)
-            self.folded += 1
             return nn.Identity()
-        why = "its convolution is shared" if shared else "no convolution feeds it directly"
+        why = ("it or its convolution is used twice" if shared or self.uses[id(norm)] > 1
+               else "no convolution feeds it directly")
         if self.unfoldable == "error":
             raise ValueError(f"cannot fold {path} ({type(norm).__name__}): {why}")
         if self.unfoldable == "keep" or self.uses[id(norm)] > 1:

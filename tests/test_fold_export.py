@@ -181,7 +181,7 @@ def test_shared_conv_is_not_folded():
     x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x))
-    with pytest.raises(ValueError, match="shared"):
+    with pytest.raises(ValueError, match="used twice"):
         fold_norms(model, unfoldable="error")
 
 
