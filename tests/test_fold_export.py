@@ -203,6 +203,9 @@ def test_onnx_export_matches_eager(tmp_path, name, norm):
     model = trained(name, norm)
     path = export_model(model, torch.randn(2, 1, 32, 32), tmp_path / f"{name}.onnx", dynamic_batch=True)
     assert sorted(os.listdir(tmp_path)) == [f"{name}.onnx"]  # no temporary file left behind
+    onnx = pytest.importorskip("onnx")
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "Conv" in ops and "BatchNormalization" not in ops, ops
     x = torch.randn(3, 1, 32, 32) * 0.5 + 0.2  # another batch size than the example
     (got,) = onnx_predict(path, x)
     ref64 = copy.deepcopy(model).double().eval()(x.double()).detach()
