@@ -81,7 +81,11 @@ setup(
     name="speckle-kernels",
     version="0.1.0",
     description="Fused BatchRenorm and speckle-noise kernels for training ultrasound denoisers in PyTorch",
-    packages=find_packages(include=["speckle_kernels", "speckle_kernels.*", "models", "models.*"]),
+    # The networks and tools live in models/ (the project's fixed top level) but install as
+    # speckle_models: a top-level `models` would collide with other distributions' and shadow a
+    # user's own models/ folder.
+    packages=find_packages(include=["speckle_kernels", "speckle_kernels.*"]) + ["speckle_models"],
+    package_dir={"speckle_models": "models"},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -93,9 +97,14 @@ setup(
         "matplotlib",
         "ninja",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
-    entry_points={"console_scripts": ["speckle-train = models.train:main",
-                                      "speckle-reproduce = models.reproduce:main"]},
+    extras_require={
+        # hypothesis: property-based accuracy tests; onnx*: the export checks of models/fold.py
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "onnx", "onnxscript", "onnxruntime"],
+        # BM3D is free for non-commercial use only (its license): never a default dependency
+        "bm3d": ["bm3d>=4.0.3"],
+    },
+    entry_points={"console_scripts": ["speckle-train = speckle_models.train:main",
+                                      "speckle-reproduce = speckle_models.reproduce:main"]},
     ext_modules=_EXT_MODULES,
     cmdclass=_CMDCLASS,
 )

@@ -100,7 +100,7 @@ def synchronize(device: torch.device) -> None:
 
 def unet_norm_shapes(batch: int, image: int) -> list[tuple[int, ...]]:
     """Input shapes of Br-U-Net's norm layers, one per level, top level first (from the model)."""
-    from models import br_unet
+    from speckle_models import br_unet
 
     with torch.device("meta"):
         model = br_unet(norm="batchnorm")  # the same shapes as the renorm layers; no kernels run
@@ -555,7 +555,7 @@ def train_shape(size: str, device: torch.device) -> tuple[int, int]:
 def train_model(name: str, device: torch.device):
     """The network of implementation `name`, its fused layers pinned to one backend (so a
     missing backend is skipped, never replaced by the reference "auto" would fall back to)."""
-    from models import PAPER_HPARAMS, br_unet, d_unet
+    from speckle_models import PAPER_HPARAMS, br_unet, d_unet
 
     if name == "d-unet-batchnorm2d":
         return d_unet(norm="batchnorm").to(device), PAPER_HPARAMS["d-unet"]["lr"]

@@ -82,7 +82,7 @@ train() {  # wall time of whole runs at the paper preset on the phantom set; TRA
         i=$((i + 1))
         echo "--- $model --norm $norm, $epochs epochs $*"
         local t0=$SECONDS
-        "$PY" -m models.train --model "$model" --norm "$norm" --epochs "$epochs" --preset paper \
+        "$PY" -m speckle_models.train --model "$model" --norm "$norm" --epochs "$epochs" --preset paper \
             --device cuda --out "$runs/$i" --cache-dir "$runs/cache" --no-progress "$@" || return 1
         echo "--- $model --norm $norm $*: $((SECONDS - t0)) s wall (data generation included)"
         cut -d, -f1-9 "$runs/$i/metrics.csv" 2>/dev/null

@@ -1,6 +1,6 @@
 """Data-parallel training under torchrun: process group, model wrapping, metric reduction.
 
-`torchrun --nproc_per_node=N -m models.train ...` starts N processes with RANK, WORLD_SIZE and
+`torchrun --nproc_per_node=N -m speckle_models.train ...` starts N processes with RANK, WORLD_SIZE and
 LOCAL_RANK set; `setup()` reads them (a plain run is rank 0 of 1 and touches nothing), joins the
 process group (NCCL on GPUs, gloo on CPUs) and picks the rank's device. `sync_norms()` makes the
 model's normalization layers synchronize their statistics across ranks (SyncFusedBatchRenorm,

@@ -38,8 +38,6 @@ reader never sees a partial file; an existing file is kept unless overwrite=True
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -47,6 +45,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from speckle_kernels.atomic_write import atomic_path
 from speckle_kernels import FusedBatchRenorm1d, FusedBatchRenorm2d, FusedBatchRenorm3d, SyncFusedBatchRenorm
 
 __all__ = ["ChannelAffine", "fold_norms", "norm_affine", "norm_modules", "export_model",
@@ -227,30 +226,6 @@ def fold_norms(model: nn.Module, *, unfoldable: str = "affine") -> nn.Module:
 # Export
 # ---------------------------------------------------------------------------------------------
 
-def _publish(write, path: Path, overwrite: bool) -> Path:
-    """Run write(tmp) on a temporary file beside `path`, then move it into place atomically."""
-    # hidden, unique, and ending in the same suffix (torch.export.save warns on non-.pt2 names)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp makes the file 0600; give it the mode an ordinary open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            # link() fails if `path` appeared since the early check: no overwrite even in a race
-            os.link(tmp, path)
-            os.unlink(tmp)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def export_model(model: nn.Module, example, path, *, format: str = "onnx", fold: bool = True,
                  dynamic_batch: bool = False, overwrite: bool = False,
                  opset_version: int | None = None) -> Path:
@@ -279,12 +254,16 @@ def export_model(model: nn.Module, example, path, *, format: str = "onnx", fold:
         dynamic = tuple({0: batch} for _ in args)
     if format == "torch_export":
         program = torch.export.export(net, args, dynamic_shapes=dynamic)
-        return _publish(lambda tmp: torch.export.save(program, tmp), path, overwrite)
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            torch.export.save(program, tmp)
+        return path
     onnx_program = torch.onnx.export(
         net, args, dynamo=True, dynamic_shapes=dynamic, opset_version=opset_version, verbose=False,
         input_names=[f"input{i}" if len(args) > 1 else "input" for i in range(len(args))],
         output_names=["output"])
-    return _publish(lambda tmp: onnx_program.save(tmp, external_data=False), path, overwrite)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        onnx_program.save(tmp, external_data=False)
+    return path
 
 
 def onnx_predict(path, *inputs: torch.Tensor) -> list[torch.Tensor]:

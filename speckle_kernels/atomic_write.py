@@ -1,8 +1,9 @@
-"""The one way this package writes a file: a temp file beside the target, then os.replace.
+"""The one way this package writes a file: a temp file beside the target, then one rename.
 
-Data caches, checkpoints, reports, figures, benchmark results and denoised images all go
-through `atomic_file`, so a crash or a full disk never leaves a half-written file under the
-final name, and an existing file is replaced only when the caller allows it.
+Data caches, checkpoints, reports, figures, exported networks, benchmark results and denoised
+images all go through `atomic_path` (for writers that want a file name) or `atomic_file` (for
+writers that take a file object), so a crash or a full disk never leaves a half-written file
+under the final name, and an existing file is replaced only when the caller allows it.
 """
 from __future__ import annotations
 
@@ -13,27 +14,42 @@ from pathlib import Path
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike, *, overwrite: bool = True):
-    """Yield a binary file object; on a clean exit its bytes replace `path` in one step.
+def atomic_path(path: str | os.PathLike, *, overwrite: bool = True):
+    """Yield a temp path beside `path` (same suffix, so format-sniffing writers agree); on a
+    clean exit its bytes are synced and moved to `path` in one step.
 
-    overwrite=False raises FileExistsError (naming the path) when `path` exists, before
-    anything is written. On any exception the temp file is removed and `path` is untouched.
+    overwrite=False raises FileExistsError (naming the path) when `path` exists, before anything
+    is written, and publishes with os.link, which fails if `path` appeared meanwhile: no
+    overwrite even in a race. On any exception the temp file is removed and `path` is untouched.
     """
     path = Path(path)
     if not overwrite and path.exists():
         raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    # open(..., "x") rather than mkstemp: the file gets the umask's permissions, not 0600
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # a name of our own rather than mkstemp: the file gets the umask's permissions, not 0600
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp{path.suffix}")
     try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, *, overwrite: bool = True):
+    """Yield a binary file object whose bytes replace `path` on a clean exit (atomic_path)."""
+    with atomic_path(path, overwrite=overwrite) as tmp:
         with open(tmp, "xb") as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = True) -> None:

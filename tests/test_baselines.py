@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from models import baselines, speckle_filters
-from models.baselines import (FILTERS, GRIDS, TORCH_FILTERS, apply_all, apply_filter,
+from speckle_models import baselines, speckle_filters
+from speckle_models.baselines import (FILTERS, GRIDS, TORCH_FILTERS, apply_all, apply_filter,
                               available_filters, bm3d_denoise, missing_filters, run_baselines, tune)
 
 HAS_BM3D = importlib.util.find_spec("bm3d") is not None

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models import MODEL_NAMES, PAPER_HPARAMS, build_model
-from models.unet import UNet, pad_to_multiple
+from speckle_models import MODEL_NAMES, PAPER_HPARAMS, build_model
+from speckle_models.unet import UNet, pad_to_multiple
 
 CASES = [("di-conv-ae", None), ("d-unet", "batchnorm"), ("br-unet", "fused"), ("br-unet", "reference")]
 
@@ -137,7 +137,7 @@ def test_one_batch_overfit(name, norm, lr):
 
 
 def test_di_conv_ae_dilations():
-    from models.di_conv_ae import DiConvAE
+    from speckle_models.di_conv_ae import DiConvAE
 
     def dilations(model):
         return [m.dilation[0] for m in model.modules() if type(m) is nn.Conv2d]
