@@ -15,7 +15,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from . import (bench_device, bench_size, copy_bandwidth, device_name, rounds_for, synchronize)
+from .common import bench_device, bench_size, copy_bandwidth, device_name, rounds_for, synchronize
 
 
 def pytest_addoption(parser):

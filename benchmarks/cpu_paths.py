@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from . import RenormState, device_name, forward_backward, renorm_impl, renorm_input
+from .common import device_name
+from .batch_renorm_cases import RenormState, forward_backward, renorm_impl, renorm_input
 
 CPU = torch.device("cpu")
 SHAPES = [(32, 64, 128, 128), (32, 32, 128, 128), (32, 64, 64, 64), (32, 128, 32, 32),
@@ -94,7 +95,7 @@ def schedules_by_shape(repeats: int = 5) -> list[str]:
 
 
 def noise_lanes() -> list[str]:
-    from speckle_kernels import _ext, noise_ext
+    from speckle_kernels import noise_ext
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

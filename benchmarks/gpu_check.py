@@ -28,10 +28,12 @@ from pathlib import Path
 
 import torch
 
-from . import (DTYPE_NAMES, HEADLINE_CHANNELS, RENORM_IMPLS, RenormState, Unavailable, check_noise,
-               check_renorm, copy_bandwidth, device_name, forward_backward, noise_impl,
-               renorm_bytes, renorm_impl, renorm_input, rotation_count, tensor_bytes, time_calls,
-               unet_norm_shapes)
+from .common import (DTYPE_NAMES, Unavailable, copy_bandwidth, device_name, rotation_count,
+                     tensor_bytes, time_calls)
+from .batch_renorm_cases import (HEADLINE_CHANNELS, RENORM_IMPLS, RenormState, check_renorm,
+                                 forward_backward, renorm_bytes, renorm_impl, renorm_input,
+                                 unet_norm_shapes)
+from .noise_cases import check_noise, noise_impl
 
 ODD_SHAPES = [(4, 3, 5, 7), (5, 1, 7, 3), (1, 6, 1, 1), (7, 2, 13, 1), (2, 5), (3, 4, 9),
               (2, 3, 4, 5, 3), (3, 70, 2, 3)]

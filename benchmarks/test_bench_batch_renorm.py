@@ -12,8 +12,9 @@ import warnings
 import pytest
 import torch
 
-from . import (RENORM_IMPLS, RenormState, Unavailable, check_renorm, forward_backward,
-               renorm_bytes, renorm_cases, renorm_impl, renorm_input, rotation_count, tensor_bytes)
+from .common import Unavailable, rotation_count, tensor_bytes
+from .batch_renorm_cases import (RENORM_IMPLS, RenormState, check_renorm, forward_backward,
+                                 renorm_bytes, renorm_cases, renorm_impl, renorm_input)
 from .conftest import DEVICE, SIZE
 
 # Seen with torch 2.13 on CPU: torch.compile(batch_renorm_reference) returns dx (and dweight)

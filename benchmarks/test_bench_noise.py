@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from . import (NOISE_IMPLS, Unavailable, batch_maker_bytes, check_noise, noise_impl, noise_shapes,
-               tensor_bytes)
+from .common import Unavailable, tensor_bytes
+from .noise_cases import NOISE_IMPLS, batch_maker_bytes, check_noise, noise_impl, noise_shapes
 from .conftest import DEVICE, SIZE
 
 SHAPES = noise_shapes(SIZE, DEVICE)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from . import BATCH, IMAGE, SSIM_IMPLS, check_ssim, ssim_impl, ssim_pair, tensor_bytes
+from .common import BATCH, IMAGE, tensor_bytes
+from .ssim_cases import SSIM_IMPLS, check_ssim, ssim_impl, ssim_pair
 from .conftest import DEVICE, SIZE
 
 SHAPE = (BATCH if SIZE == "full" else 8, 1, IMAGE, IMAGE)

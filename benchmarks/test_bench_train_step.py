@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from . import (TRAIN_IMPLS, Unavailable, check_train_step, train_batch, train_model, train_shape,
-               train_step_fn)
+from .common import Unavailable
+from .train_step_cases import (TRAIN_IMPLS, check_train_step, train_batch, train_model,
+                               train_shape, train_step_fn)
 from .conftest import DEVICE, SIZE
 
 BATCH, IMAGE = train_shape(SIZE, DEVICE)

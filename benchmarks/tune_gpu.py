@@ -25,8 +25,9 @@ import torch
 
 from speckle_kernels.schedules import DMAX_SCHEDULE, RMAX_SCHEDULE
 
-from . import (HEADLINE_CHANNELS, RenormState, copy_bandwidth, forward_backward, renorm_impl,
-               renorm_input, tensor_bytes, time_calls)
+from .common import copy_bandwidth, tensor_bytes, time_calls
+from .batch_renorm_cases import (HEADLINE_CHANNELS, RenormState, forward_backward, renorm_impl,
+                                 renorm_input)
 
 HEADLINE = (32, HEADLINE_CHANNELS, 128, 128)
 
