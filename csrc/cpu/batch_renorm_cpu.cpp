@@ -1,4 +1,4 @@
-// BatchRenorm forward/backward on the CPU: ATen vector types under at::parallel_for.
+// BatchRenorm forward/backward on the CPU: ATen vector types (vec_helpers.h) under at::parallel_for.
 //
 // Two element passes each way, as on the GPU (see csrc/include/batch_renorm_math.h for the
 // per-channel math between them):
@@ -21,8 +21,6 @@
 // channel, so it always splits.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
-#include <ATen/cpu/vec/functional.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -34,60 +32,14 @@
 
 #include "../api_common.h"
 #include "cpu_kernels.h"
+#include "vec_helpers.h"
 
 namespace speckle::cpu {
 namespace {
 
-using fVec = at::vec::Vectorized<float>;
-constexpr int64_t kF = fVec::size();
-constexpr int64_t kW = 2 * kF;  // values per step: two fp32 vectors (one 16-bit vector)
 constexpr int64_t kTaskElements = 16384;
 constexpr int64_t kMinParallelElements = 32768;
 constexpr int64_t kSmallBytes = int64_t{4} << 20;  // per_channel_schedule
-
-// kW values at p as two fp32 vectors; n < kW loads only n (the rest reads as 0).
-template <typename T>
-inline void load2(const T* p, fVec& a, fVec& b, int64_t n = kW) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (n == kW) {
-      a = fVec::loadu(p);
-      b = fVec::loadu(p + kF);
-    } else {
-      a = fVec::loadu(p, std::min(n, kF));
-      b = n > kF ? fVec::loadu(p + kF, n - kF) : fVec(0.0f);
-    }
-  } else {
-    auto v = n == kW ? at::vec::Vectorized<T>::loadu(p) : at::vec::Vectorized<T>::loadu(p, n);
-    std::tie(a, b) = at::vec::convert_to_float<T>(v);
-  }
-}
-
-template <typename T>
-inline void store2(T* p, const fVec& a, const fVec& b, int64_t n = kW) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (n == kW) {
-      a.store(p);
-      b.store(p + kF);
-    } else {
-      a.store(p, std::min(n, kF));
-      if (n > kF) b.store(p + kF, n - kF);
-    }
-  } else {
-    auto v = at::vec::convert_from_float<T>(a, b);
-    if (n == kW) v.store(p); else v.store(p, n);
-  }
-}
-
-inline float hsum(const fVec& v) {
-  return at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return x + y; }, v);
-}
-
-// Zero the lanes at or past n of the pair (a, b).
-inline void keep_first(fVec& a, fVec& b, int64_t n) {
-  const fVec zero(0.0f);
-  a = fVec::set(zero, a, std::min(n, kF));
-  b = n > kF ? fVec::set(zero, b, n - kF) : zero;
-}
 
 int64_t grain_for(int64_t elements_per_task) {
   return std::max<int64_t>(1, kMinParallelElements / std::max<int64_t>(elements_per_task, 1));

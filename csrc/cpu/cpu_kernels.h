@@ -1,4 +1,4 @@
-// Entry points of the CPU kernels; arguments are checked by the caller (batch_renorm_api.cpp).
+// Entry points of the CPU kernels; arguments are checked by the caller (cpu_binding.cpp).
 #pragma once
 
 #include <ATen/ATen.h>

@@ -16,7 +16,6 @@
 // new buffers still ask for huge pages). empty_cpu_output_cache() frees the idle buffers.
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
-#include <torch/library.h>
 #include <c10/core/Allocator.h>
 
 #include <cstdlib>
@@ -172,8 +171,3 @@ int64_t cpu_output_cache_idle_bytes() { return OutputCache::get().idle_bytes(); 
 int64_t empty_cpu_output_cache() { return OutputCache::get().empty(); }
 
 }  // namespace speckle::cpu
-
-TORCH_LIBRARY_FRAGMENT(speckle_kernels, m) {
-  m.def("cpu_output_cache_idle_bytes() -> int", &speckle::cpu::cpu_output_cache_idle_bytes);
-  m.def("empty_cpu_output_cache() -> int", &speckle::cpu::empty_cpu_output_cache);
-}

@@ -7,7 +7,6 @@
 // one of the built paths (1: the portable one; the tests run each). Every value depends only on
 // (seed, offset, flat index), so the split into parallel tasks changes nothing.
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -16,11 +15,11 @@
 
 #include "cpu_kernels.h"
 #include "noise_lanes.h"
+#include "vec_helpers.h"
 
 namespace speckle::cpu {
 namespace {
 
-using fVec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = 64;
 constexpr int64_t kTaskElements = 8192;
 

@@ -1,5 +1,5 @@
-// CUDA registrations of the speckle_kernels operators (schemas: csrc/batch_renorm_api.cpp and
-// csrc/noise_api.cpp). Built only with a CUDA build of torch; checks the arguments, allocates
+// CUDA registrations of the speckle_kernels operators (schemas: csrc/ops_schema.cpp), mirroring
+// csrc/cpu/cpu_binding.cpp. Built only with a CUDA build of torch; checks the arguments, allocates
 // outputs and workspaces on the current stream's device, and calls the launchers of
 // launchers.h. No host synchronization: num_batches_tracked is read by the kernels.
 #include <c10/cuda/CUDAException.h>

@@ -1,0 +1,41 @@
+// The speckle_kernels operator library: every op's schema, registered once here. The kernels
+// are registered per backend: csrc/cpu/cpu_binding.cpp (CPU, and the CPU-only utility ops) and
+// csrc/cuda/cuda_binding.cpp (CUDA). Autograd and the fake (meta) kernels live in
+// speckle_kernels/_ext.py.
+//
+//   batch_renorm_forward(x, weight?, bias?, running_mean!, running_std!, num_batches_tracked!,
+//                        training, momentum, eps, r_max[4], d_max[4]) -> (y, stats)
+//       stats: the (8, C) fp32 tensor of csrc/include/batch_renorm_math.h (rows kPivot..kShift);
+//       r_max/d_max: RenormSchedule's (slope, start, low, high)
+//   batch_renorm_backward(dy, x, weight?, stats, training) -> (dx, dweight, dbias)
+//       Supported types and layouts of both: see api_common.h.
+//   add_speckle_noise(x, seed, offset, factor, sigma_low, sigma_high, sigma_add, rayleigh, clip)
+//       x: float32 / float16 / bfloat16, any shape (dim 0 indexes images when x.dim() >= 2)
+//   make_noisy_batch(clean_u8, ..., out_dtype) -> (noisy, clean)
+//       clean_u8: uint8 (N, C, H, W); out_dtype float32 / bfloat16 / float16
+//       The noise stream is the one of speckle_kernels/noise.py (see csrc/include/philox.h);
+//       sigma is drawn per image when sigma_high > sigma_low. Outputs are contiguous.
+//   cpu_noise_lane_widths() -> int[]          the CPU noise kernel's built lane paths
+//   cpu_output_cache_idle_bytes() -> int, empty_cpu_output_cache() -> int
+//       the CPU output cache of csrc/cpu/output_cache.cpp
+#include <torch/library.h>
+
+TORCH_LIBRARY(speckle_kernels, m) {
+  m.def(
+      "batch_renorm_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!) running_mean, "
+      "Tensor(b!) running_std, Tensor(c!) num_batches_tracked, bool training, float momentum, "
+      "float eps, float[] r_max, float[] d_max) -> (Tensor, Tensor)");
+  m.def(
+      "batch_renorm_backward(Tensor dy, Tensor x, Tensor? weight, Tensor stats, bool training) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "add_speckle_noise(Tensor x, int seed, int offset, float factor, float sigma_low, "
+      "float sigma_high, float sigma_add, bool rayleigh, bool clip) -> Tensor");
+  m.def(
+      "make_noisy_batch(Tensor clean_u8, int seed, int offset, float factor, float sigma_low, "
+      "float sigma_high, float sigma_add, bool rayleigh, bool clip, ScalarType out_dtype) "
+      "-> (Tensor, Tensor)");
+  m.def("cpu_noise_lane_widths() -> int[]");
+  m.def("cpu_output_cache_idle_bytes() -> int");
+  m.def("empty_cpu_output_cache() -> int");
+}
