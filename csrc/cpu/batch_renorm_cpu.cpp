@@ -2,14 +2,18 @@
 //
 // Two element passes each way, as on the GPU (see csrc/include/batch_renorm_math.h for the
 // per-channel math between them):
-//   forward   sums of u = x - pivot and u^2         -> finalize -> y = (u - offset)*scale + shift
-//   backward  sums of dy and dy*z, z = (u-offset)*invstd -> finalize -> dx = (u-offset)*B + dy*A + C0
+//   forward   (mean, M2) of u = x - pivot -> finalize -> y = (u - offset)*scale + shift
+//   backward  sums of dy and dy*z, z = (u-offset)*invstd -> finalize -> dx = (u-offset)*B + (dy-mean_dy)*A
 // Work is split into tasks of ~kTaskElements values (a chunk of one (n, c) plane for contiguous
-// input, a block of rows for channels-last), each writing its own fp32 partial sums; partials
-// are merged per channel in double in a fixed order, so results do not depend on the thread
-// count. fp16/bf16 are widened to fp32 on load and rounded once on store.
+// input, a block of rows for channels-last), each writing its own partial in double; partials
+// are merged per channel in a fixed order, so results do not depend on the thread count.
+// Within a task, fp32 vector sums span blocks of at most a few thousand values of a channel
+// (a block of rows channels-last) before they go to double. The forward reads each block
+// twice while it is in L1: its mean, then the deviations from it (M2 without cancellation),
+// blocks merged with Chan's formula: ALU work, no extra memory traffic. fp16/bf16 are widened
+// to fp32 on load and rounded once on store.
 //
-// Two schedules run those passes over contiguous input, with the same chunks, the same fp32
+// Two schedules run those passes over contiguous input, with the same chunks, the same
 // partials and the same merge order (so the same bits):
 //   split        each pass over all channels at once, every thread on chunks of every channel
 //   per-channel  one channel per task: its sums, its finalize and its affine pass back to back,
@@ -73,52 +77,136 @@ struct Tasks {
   // contiguous: chunk j of a plane -> (first value in the plane, values)
   void chunk_of_plane(int64_t j, int64_t L, int64_t& start, int64_t& len) const {
     start = j * per_task;
-    len = std::min(per_task, L - start);
+    len = chunk_len(j, L);
   }
+  int64_t chunk_len(int64_t j, int64_t L) const { return std::min(per_task, L - j * per_task); }
 };
 
 // Per-channel inputs of the element passes (fp32, length C).
 struct ChannelCoefs {
   const float* pivot;
   const float* offset;
-  const float* coef_x;  // invstd in the backward sums; scale / B in the affine passes
-  const float* coef_dy;
-  const float* coef_0;
+  const float* coef_x;   // invstd in the backward sums; scale / B in the affine passes
+  const float* coef_dy;  // A in the backward affine pass
+  const float* coef_0;   // shift (forward, added) / mean_dy (backward, subtracted from dy)
 };
 
-// Sums of one chunk of a contiguous plane of channel c (len values at xp, and dp when backward):
-// forward (dp null) u and u^2, backward dy and dy*z. Returned as fp32 (a, b).
+// The fp32 sums of a pass span a block of at most kMomentBlock (forward: 128 a lane) or
+// kSumBlock (backward: 64 a lane) values of a contiguous plane, or kClMomentRows / kClSumRows
+// rows (channels-last), before they go to double. The forward's blocks are larger because each
+// costs a merge (3 horizontal sums, divisions), which at 1024 values slowed the per-channel
+// forward by ~10% at (32, 64, 128, 128) fp32; 16 KB still sits in L1 for the second pass.
+constexpr int64_t kMomentBlock = 4096;
+constexpr int64_t kSumBlock = 1024;
+constexpr int64_t kClMomentRows = 64;
+constexpr int64_t kClSumRows = 16;
+
+// One chunk's (contiguous) or task's (channels-last, per channel) result, in double:
+// forward (mean, M2) of u = x - pivot, backward (S(dy), S(dy*z)).
+struct Partial {
+  double a, b;
+};
+
+// Forward: (mean, M2) of u = x - pivot over len values at xp. Per block of kMomentBlock values (in
+// L1): a shift m near the block's mean from a first pass (S(x)/len; its error does not matter),
+// then S(x - m) and S((x - m)^2) from a second, M2 = S((x-m)^2) - S(x-m)^2/len (the corrected
+// two-pass sums: no cancellation however far the data lie from the pivot); blocks merged in
+// double (merge_moments). Four accumulators a quantity: the sums' add latency, not the loads,
+// would bound two.
 template <typename T>
-inline std::pair<float, float> chunk_sums(const T* xp, const T* dp, int64_t len, int64_t c,
-                                          const ChannelCoefs& k) {
-  const bool bwd = dp != nullptr;
-  const fVec p(k.pivot[c]), o(bwd ? k.offset[c] : 0.0f), s(bwd ? k.coef_x[c] : 1.0f);
-  fVec a0(0.0f), a1(0.0f), b0(0.0f), b1(0.0f);
-  for (int64_t i = 0; i < len; i += kW) {
-    const int64_t n = std::min(kW, len - i);
-    fVec x0, x1;
-    load2(xp + i, x0, x1, n);
-    fVec u0 = x0 - p, u1 = x1 - p;
-    if (bwd) {
-      fVec d0, d1;
+inline Partial chunk_moments(const T* xp, int64_t len, float pivot) {
+  Moments acc{0.0, 0.0, 0.0};
+  for (int64_t b0 = 0; b0 < len; b0 += kMomentBlock) {
+    const T* xb = xp + b0;
+    const int64_t bl = std::min(kMomentBlock, len - b0);
+    fVec s0(0.0f), s1(0.0f), s2(0.0f), s3(0.0f);
+    int64_t i = 0;
+    for (; i + 2 * kW <= bl; i += 2 * kW) {
+      fVec x0, x1, x2, x3;
+      load2(xb + i, x0, x1);
+      load2(xb + i + kW, x2, x3);
+      s0 += x0;
+      s1 += x1;
+      s2 += x2;
+      s3 += x3;
+    }
+    for (; i < bl; i += kW) {
+      fVec x0, x1;
+      load2(xb + i, x0, x1, std::min(kW, bl - i));  // zero past the end: adds nothing
+      s0 += x0;
+      s1 += x1;
+    }
+    const float m = hsum((s0 + s1) + (s2 + s3)) / static_cast<float>(bl);
+    const fVec mv(m);
+    fVec a0(0.0f), a1(0.0f), a2(0.0f), a3(0.0f), q0(0.0f), q1(0.0f), q2(0.0f), q3(0.0f);
+    for (i = 0; i + 2 * kW <= bl; i += 2 * kW) {
+      fVec x0, x1, x2, x3;
+      load2(xb + i, x0, x1);
+      load2(xb + i + kW, x2, x3);
+      const fVec v0 = x0 - mv, v1 = x1 - mv, v2 = x2 - mv, v3 = x3 - mv;
+      a0 += v0;
+      a1 += v1;
+      a2 += v2;
+      a3 += v3;
+      q0 = at::vec::fmadd(v0, v0, q0);
+      q1 = at::vec::fmadd(v1, v1, q1);
+      q2 = at::vec::fmadd(v2, v2, q2);
+      q3 = at::vec::fmadd(v3, v3, q3);
+    }
+    for (; i < bl; i += kW) {
+      const int64_t n = std::min(kW, bl - i);
+      fVec x0, x1;
+      load2(xb + i, x0, x1, n);
+      fVec v0 = x0 - mv, v1 = x1 - mv;
+      if (n < kW) keep_first(v0, v1, n);
+      a0 += v0;
+      a1 += v1;
+      q0 = at::vec::fmadd(v0, v0, q0);
+      q1 = at::vec::fmadd(v1, v1, q1);
+    }
+    const double count = static_cast<double>(bl), sv = hsum((a0 + a1) + (a2 + a3));
+    const double sq = hsum((q0 + q1) + (q2 + q3));
+    merge_moments(acc, count, (static_cast<double>(m) - pivot) + sv / count,
+                  std::max(sq - sv * sv / count, 0.0));
+  }
+  return {acc.mean, acc.m2};
+}
+
+// Backward: S(dy), S(dy*z) over len values of channel c, z = ((x - pivot) - offset) * invstd.
+template <typename T>
+inline Partial chunk_grad_sums(const T* xp, const T* dp, int64_t len, float pivot, float offset,
+                               float invstd) {
+  const fVec p(pivot), o(offset), s(invstd);
+  double sum_dy = 0.0, sum_dyz = 0.0;
+  for (int64_t b0 = 0; b0 < len; b0 += kSumBlock) {
+    const int64_t b_end = std::min(len, b0 + kSumBlock);
+    fVec a0(0.0f), a1(0.0f), b0v(0.0f), b1v(0.0f);
+    for (int64_t i = b0; i < b_end; i += kW) {
+      const int64_t n = std::min(kW, b_end - i);
+      fVec x0, x1, d0, d1;
+      load2(xp + i, x0, x1, n);
       load2(dp + i, d0, d1, n);  // zero past n, so the tail adds nothing
       a0 += d0;
       a1 += d1;
-      b0 = at::vec::fmadd(d0, (u0 - o) * s, b0);
-      b1 = at::vec::fmadd(d1, (u1 - o) * s, b1);
-    } else {
-      if (n < kW) keep_first(u0, u1, n);
-      a0 += u0;
-      a1 += u1;
-      b0 = at::vec::fmadd(u0, u0, b0);
-      b1 = at::vec::fmadd(u1, u1, b1);
+      b0v = at::vec::fmadd(d0, ((x0 - p) - o) * s, b0v);
+      b1v = at::vec::fmadd(d1, ((x1 - p) - o) * s, b1v);
     }
+    sum_dy += hsum(a0 + a1);
+    sum_dyz += hsum(b0v + b1v);
   }
-  return {hsum(a0 + a1), hsum(b0 + b1)};
+  return {sum_dy, sum_dyz};
 }
 
-// out = ((x - pivot) - offset) * coef_x + dy * coef_dy + coef_0 over one chunk of a contiguous
-// plane of channel c (dy optional).
+// The partial of one chunk of a contiguous plane of channel c: forward (dp null) or backward.
+template <typename T>
+inline Partial chunk_partial(const T* xp, const T* dp, int64_t len, int64_t c, const ChannelCoefs& k) {
+  if (dp == nullptr) return chunk_moments(xp, len, k.pivot[c]);
+  return chunk_grad_sums(xp, dp, len, k.pivot[c], k.offset[c], k.coef_x[c]);
+}
+
+// Over one chunk of a contiguous plane of channel c:
+//   forward  (dy null)  out = ((x - pivot) - offset) * scale + shift
+//   backward            out = ((x - pivot) - offset) * B + (dy - mean_dy) * A
 template <typename T>
 inline void chunk_affine(const T* xp, const T* dp, T* op, int64_t len, int64_t c,
                          const ChannelCoefs& k) {
@@ -126,35 +214,130 @@ inline void chunk_affine(const T* xp, const T* dp, T* op, int64_t len, int64_t c
   const fVec cdy(dp ? k.coef_dy[c] : 0.0f);
   for (int64_t i = 0; i < len; i += kW) {
     const int64_t n = std::min(kW, len - i);
-    fVec x0, x1;
+    fVec x0, x1, y0, y1;
     load2(xp + i, x0, x1, n);
-    fVec y0 = at::vec::fmadd((x0 - p) - o, cx, c0), y1 = at::vec::fmadd((x1 - p) - o, cx, c0);
     if (dp) {
       fVec d0, d1;
       load2(dp + i, d0, d1, n);
-      y0 = at::vec::fmadd(d0, cdy, y0);
-      y1 = at::vec::fmadd(d1, cdy, y1);
+      y0 = at::vec::fmadd((x0 - p) - o, cx, (d0 - c0) * cdy);
+      y1 = at::vec::fmadd((x1 - p) - o, cx, (d1 - c0) * cdy);
+    } else {
+      y0 = at::vec::fmadd((x0 - p) - o, cx, c0);
+      y1 = at::vec::fmadd((x1 - p) - o, cx, c0);
     }
     store2(op + i, y0, y1, n);
   }
 }
 
-// One channel's fp32 partials merged in double, n-major then chunk: N planes `plane_stride`
-// floats apart, each with nchunks (a, b) pairs. Both schedules merge in this order.
-inline void merge_channel(const float* first, int64_t N, int64_t plane_stride, int64_t nchunks,
-                          double& sa, double& sb) {
-  sa = 0.0;
-  sb = 0.0;
-  for (int64_t nn = 0; nn < N; ++nn) {
-    const float* q = first + nn * plane_stride;
+// One channel's partials merged in double in the order both schedules use: `groups` groups
+// (planes n, or channels-last tasks) `group_stride` partials apart, nchunks partials each;
+// count(g, j) is the number of values partial j of group g covers. Forward: Chan's update;
+// backward: sums.
+template <typename Count>
+inline Partial merge_channel(const Partial* first, int64_t groups, int64_t group_stride,
+                             int64_t nchunks, bool bwd, const Count& count) {
+  Moments acc{0.0, 0.0, 0.0};
+  double sa = 0.0, sb = 0.0;
+  for (int64_t g = 0; g < groups; ++g) {
+    const Partial* q = first + g * group_stride;
     for (int64_t j = 0; j < nchunks; ++j) {
-      sa += q[2 * j];
-      sb += q[2 * j + 1];
+      if (bwd) {
+        sa += q[j].a;
+        sb += q[j].b;
+      } else {
+        merge_moments(acc, static_cast<double>(count(g, j)), q[j].a, q[j].b);
+      }
     }
+  }
+  return bwd ? Partial{sa, sb} : Partial{acc.mean, acc.m2};
+}
+
+// Channels-last, one task (rows [r0, r1) of C values): its Partial for each channel into out.
+// Per block of rows (kClMomentRows forward, kClSumRows backward), read from memory row by row
+// into fp32 per-channel sums in scratch (2*C floats): backward S(dy), S(dy*z), added into
+// double; forward S(x), then the block's second pass of chunk_moments from cache, a group of
+// kW channels at a time down the rows with register accumulators, merged per channel in
+// double. (Walking the rows a channel group at a time from memory cost the backward ~30%.)
+template <typename T>
+void channels_last_task(const T* x, const T* dy, int64_t C, int64_t r0, int64_t r1,
+                        const ChannelCoefs& k, float* scratch, Partial* out) {
+  float* sa = scratch;
+  float* sb = scratch + C;
+  std::fill(out, out + C, Partial{0.0, 0.0});
+  const int64_t block_rows = dy != nullptr ? kClSumRows : kClMomentRows;
+  double done = 0.0;  // rows merged so far
+  for (int64_t b0 = r0; b0 < r1; b0 += block_rows) {
+    const int64_t b_end = std::min(r1, b0 + block_rows);
+    std::fill(sa, sa + C, 0.0f);
+    if (dy != nullptr) {
+      std::fill(sb, sb + C, 0.0f);
+      for (int64_t r = b0; r < b_end; ++r) {
+        for (int64_t c = 0; c < C; c += kW) {
+          const int64_t n = std::min(kW, C - c), off = r * C + c;
+          fVec x0, x1, d0, d1, p0, p1, o0, o1, s0, s1, a0, a1, q0, q1;
+          load2(x + off, x0, x1, n);
+          load2(dy + off, d0, d1, n);
+          load2(k.pivot + c, p0, p1, n);
+          load2(k.offset + c, o0, o1, n);
+          load2(k.coef_x + c, s0, s1, n);
+          load2(sa + c, a0, a1, n);
+          load2(sb + c, q0, q1, n);
+          q0 = at::vec::fmadd(d0, ((x0 - p0) - o0) * s0, q0);
+          q1 = at::vec::fmadd(d1, ((x1 - p1) - o1) * s1, q1);
+          store2(sa + c, a0 + d0, a1 + d1, n);  // lanes past n are never stored
+          store2(sb + c, q0, q1, n);
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        out[c].a += sa[c];
+        out[c].b += sb[c];
+      }
+      continue;
+    }
+    for (int64_t r = b0; r < b_end; ++r) {
+      for (int64_t c = 0; c < C; c += kW) {
+        const int64_t n = std::min(kW, C - c);
+        fVec x0, x1, s0, s1;
+        load2(x + r * C + c, x0, x1, n);
+        load2(sa + c, s0, s1, n);
+        store2(sa + c, s0 + x0, s1 + x1, n);
+      }
+    }
+    const double rows = static_cast<double>(b_end - b0), inv_count = 1.0 / rows;
+    const double w = rows / (done + rows), done_w = done * w;  // merge_moments' weights, shared
+    const fVec inv_rows(1.0f / static_cast<float>(rows));
+    alignas(64) float vm[kW], va[kW], vq[kW];
+    for (int64_t c = 0; c < C; c += kW) {
+      const int64_t n = std::min(kW, C - c);
+      fVec m0, m1, a0(0.0f), a1(0.0f), q0(0.0f), q1(0.0f);
+      load2(sa + c, m0, m1, n);
+      m0 = m0 * inv_rows;  // the shift m, near the block's mean
+      m1 = m1 * inv_rows;
+      for (int64_t r = b0; r < b_end; ++r) {
+        fVec x0, x1;
+        load2(x + r * C + c, x0, x1, n);
+        const fVec v0 = x0 - m0, v1 = x1 - m1;
+        a0 += v0;
+        a1 += v1;
+        q0 = at::vec::fmadd(v0, v0, q0);
+        q1 = at::vec::fmadd(v1, v1, q1);
+      }
+      store2(vm, m0, m1);
+      store2(va, a0, a1);
+      store2(vq, q0, q1);
+      for (int64_t j = 0; j < n; ++j) {  // merge_moments with the shared weights
+        const double sv = va[j];
+        const double mean = (static_cast<double>(vm[j]) - k.pivot[c + j]) + sv * inv_count;
+        const double delta = mean - out[c + j].a;
+        out[c + j].a += delta * w;
+        out[c + j].b += std::max(vq[j] - sv * sv * inv_count, 0.0) + delta * delta * done_w;
+      }
+    }
+    done += rows;
   }
 }
 
-// S_a, S_b per channel: forward (no dy) sums u and u^2, backward sums dy and dy*z.
+// Per channel (a, b): forward (dy null) (mean, M2) of u, backward (S(dy), S(dy*z)).
 template <typename T>
 void channel_sums(const ChannelLayout& lay, const T* x, const T* dy, const ChannelCoefs& k,
                   double* sum_a, double* sum_b) {
@@ -163,79 +346,47 @@ void channel_sums(const ChannelLayout& lay, const T* x, const T* dy, const Chann
   const Tasks tasks(lay);
   if (!lay.channels_last) {
     const int64_t L = lay.L, nchunks = tasks.nchunks;
-    std::vector<float> partial(2 * tasks.count);
+    std::vector<Partial> partial(tasks.count);
     at::parallel_for(0, tasks.count, grain_for(tasks.elements), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         int64_t plane, start, len;
         tasks.chunk(t, L, plane, start, len);
-        const auto [a, b] = chunk_sums(x + plane * L + start, bwd ? dy + plane * L + start : nullptr,
-                                       len, plane % C, k);
-        partial[2 * t] = a;
-        partial[2 * t + 1] = b;
+        partial[t] = chunk_partial(x + plane * L + start, bwd ? dy + plane * L + start : nullptr,
+                                   len, plane % C, k);
       }
     });
     at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        merge_channel(partial.data() + 2 * c * nchunks, lay.N, 2 * C * nchunks, nchunks, sum_a[c],
-                      sum_b[c]);
+        const Partial m = merge_channel(partial.data() + c * nchunks, lay.N, C * nchunks, nchunks, bwd,
+                                        [&](int64_t, int64_t j) { return tasks.chunk_len(j, L); });
+        sum_a[c] = m.a;
+        sum_b[c] = m.b;
       }
     });
     return;
   }
-  // channels-last: rows of C values; each task owns a block of rows and 2*C partials.
+  // channels-last: rows of C values; each task owns a block of rows and C partials.
   const int64_t R = lay.N * lay.L, rows = tasks.per_task;
-  std::vector<float> partial(2 * C * tasks.count, 0.0f);
+  std::vector<Partial> partial(C * tasks.count);
   at::parallel_for(0, tasks.count, grain_for(tasks.elements), [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(2 * C);
     for (int64_t t = begin; t < end; ++t) {
-      float* acc_a = partial.data() + 2 * C * t;
-      float* acc_b = acc_a + C;
-      const int64_t r_end = std::min(R, (t + 1) * rows);
-      for (int64_t r = t * rows; r < r_end; ++r) {
-        const T* xr = x + r * C;
-        const T* dr = bwd ? dy + r * C : nullptr;
-        for (int64_t c = 0; c < C; c += kW) {
-          const int64_t n = std::min(kW, C - c);
-          fVec x0, x1, p0, p1, sa0, sa1, sb0, sb1;
-          load2(xr + c, x0, x1, n);
-          load2(k.pivot + c, p0, p1, n);
-          load2(acc_a + c, sa0, sa1, n);
-          load2(acc_b + c, sb0, sb1, n);
-          fVec u0 = x0 - p0, u1 = x1 - p1;
-          if (bwd) {
-            fVec o0, o1, s0, s1, d0, d1;
-            load2(k.offset + c, o0, o1, n);
-            load2(k.coef_x + c, s0, s1, n);
-            load2(dr + c, d0, d1, n);
-            sa0 += d0;
-            sa1 += d1;
-            sb0 = at::vec::fmadd(d0, (u0 - o0) * s0, sb0);
-            sb1 = at::vec::fmadd(d1, (u1 - o1) * s1, sb1);
-          } else {
-            sa0 += u0;
-            sa1 += u1;
-            sb0 = at::vec::fmadd(u0, u0, sb0);
-            sb1 = at::vec::fmadd(u1, u1, sb1);
-          }
-          store2(acc_a + c, sa0, sa1, n);  // lanes past n are never stored
-          store2(acc_b + c, sb0, sb1, n);
-        }
-      }
+      channels_last_task(x, dy, C, t * rows, std::min(R, (t + 1) * rows), k, scratch.data(),
+                         partial.data() + C * t);
     }
   });
   at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
-      double sa = 0.0, sb = 0.0;
-      for (int64_t t = 0; t < tasks.count; ++t) {
-        sa += partial[2 * C * t + c];
-        sb += partial[2 * C * t + C + c];
-      }
-      sum_a[c] = sa;
-      sum_b[c] = sb;
+      const Partial m = merge_channel(partial.data() + c, tasks.count, C, 1, bwd, [&](int64_t t, int64_t) {
+        return std::min(R, (t + 1) * rows) - t * rows;
+      });
+      sum_a[c] = m.a;
+      sum_b[c] = m.b;
     }
   });
 }
 
-// out = ((x - pivot) - offset) * coef_x + dy * coef_dy + coef_0   (dy optional)
+// The affine pass of chunk_affine over all of x (dy optional).
 template <typename T>
 void channel_affine(const ChannelLayout& lay, const T* x, const T* dy, T* out, const ChannelCoefs& k) {
   const int64_t C = lay.C;
@@ -259,20 +410,21 @@ void channel_affine(const ChannelLayout& lay, const T* x, const T* dy, T* out, c
       for (int64_t r = t * rows; r < r_end; ++r) {
         for (int64_t c = 0; c < C; c += kW) {
           const int64_t n = std::min(kW, C - c), off = r * C + c;
-          fVec x0, x1, p0, p1, o0, o1, cx0, cx1, c00, c01;
+          fVec x0, x1, p0, p1, o0, o1, cx0, cx1, c00, c01, y0, y1;
           load2(x + off, x0, x1, n);
           load2(k.pivot + c, p0, p1, n);
           load2(k.offset + c, o0, o1, n);
           load2(k.coef_x + c, cx0, cx1, n);
           load2(k.coef_0 + c, c00, c01, n);
-          fVec y0 = at::vec::fmadd((x0 - p0) - o0, cx0, c00);
-          fVec y1 = at::vec::fmadd((x1 - p1) - o1, cx1, c01);
           if (has_dy) {
             fVec d0, d1, cd0, cd1;
             load2(dy + off, d0, d1, n);
             load2(k.coef_dy + c, cd0, cd1, n);
-            y0 = at::vec::fmadd(d0, cd0, y0);
-            y1 = at::vec::fmadd(d1, cd1, y1);
+            y0 = at::vec::fmadd((x0 - p0) - o0, cx0, (d0 - c00) * cd0);
+            y1 = at::vec::fmadd((x1 - p1) - o1, cx1, (d1 - c01) * cd1);
+          } else {
+            y0 = at::vec::fmadd((x0 - p0) - o0, cx0, c00);
+            y1 = at::vec::fmadd((x1 - p1) - o1, cx1, c01);
           }
           store2(out + off, y0, y1, n);
         }
@@ -325,9 +477,9 @@ bool per_channel_schedule(const ChannelLayout& lay) {
   return 8 * rounds * threads <= 9 * lay.C;
 }
 
-// The per-channel schedule of contiguous input: for each channel, sums (sum_coefs, as
-// channel_sums) -> finalize(c, S_a, S_b), which writes channel c of the arrays affine_coefs
-// points to -> affine (as channel_affine). dy: backward, null: forward.
+// The per-channel schedule of contiguous input: for each channel, partials (sum_coefs, as
+// channel_sums) -> finalize(c, a, b), which writes channel c of the arrays affine_coefs points
+// to -> affine (as channel_affine). dy: backward, null: forward.
 template <typename T, typename Finalize>
 void per_channel_passes(const ChannelLayout& lay, const T* x, const T* dy, T* out,
                         const ChannelCoefs& sum_coefs, const ChannelCoefs& affine_coefs,
@@ -346,15 +498,14 @@ void per_channel_passes(const ChannelLayout& lay, const T* x, const T* dy, T* ou
     }
   };
   at::parallel_for(0, C, grain_for(lay.N * L), [&](int64_t begin, int64_t end) {
-    std::vector<float> partial(2 * lay.N * nchunks);
+    std::vector<Partial> partial(lay.N * nchunks);
     for (int64_t c = begin; c < end; ++c) {
       for_each_chunk(c, [&](int64_t k, int64_t off, int64_t len) {
-        std::tie(partial[2 * k], partial[2 * k + 1]) =
-            chunk_sums(x + off, dy ? dy + off : nullptr, len, c, sum_coefs);
+        partial[k] = chunk_partial(x + off, dy ? dy + off : nullptr, len, c, sum_coefs);
       });
-      double sa, sb;
-      merge_channel(partial.data(), lay.N, 2 * nchunks, nchunks, sa, sb);
-      finalize(c, sa, sb);
+      const Partial m = merge_channel(partial.data(), lay.N, nchunks, nchunks, dy != nullptr,
+                                      [&](int64_t, int64_t j) { return tasks.chunk_len(j, L); });
+      finalize(c, m.a, m.b);
       for_each_chunk(c, [&](int64_t, int64_t off, int64_t len) {
         chunk_affine(x + off, dy ? dy + off : nullptr, out + off, len, c, affine_coefs);
       });
@@ -391,8 +542,8 @@ std::tuple<at::Tensor, at::Tensor> batch_renorm_forward(
     const double count = static_cast<double>(lay.N) * static_cast<double>(lay.L);
     const std::vector<float> pivot = training ? first_elements(lay, x) : std::vector<float>(C, 0.0f);
     float* st = stats.data_ptr<float>();
-    auto finalize = [&](int64_t c, double sum_u, double sum_u2) {
-      const ForwardChannelIn in{sum_u, sum_u2, count, pivot[c], rm.const_data_ptr<float>()[c],
+    auto finalize = [&](int64_t c, double mean_u, double m2) {
+      const ForwardChannelIn in{mean_u, m2, count, pivot[c], rm.const_data_ptr<float>()[c],
                                 rs.const_data_ptr<float>()[c],
                                 w.defined() ? w.const_data_ptr<float>()[c] : 1.0f,
                                 b.defined() ? b.const_data_ptr<float>()[c] : 0.0f};
@@ -408,9 +559,9 @@ std::tuple<at::Tensor, at::Tensor> batch_renorm_forward(
                          finalize);
       return;
     }
-    std::vector<double> sum_u(C, 0.0), sum_u2(C, 0.0);
-    if (training) channel_sums<scalar_t>(lay, x, nullptr, sum_coefs, sum_u.data(), sum_u2.data());
-    for (int64_t c = 0; c < C; ++c) finalize(c, sum_u[c], sum_u2[c]);
+    std::vector<double> mean_u(C, 0.0), m2(C, 0.0);
+    if (training) channel_sums<scalar_t>(lay, x, nullptr, sum_coefs, mean_u.data(), m2.data());
+    for (int64_t c = 0; c < C; ++c) finalize(c, mean_u[c], m2[c]);
     channel_affine<scalar_t>(lay, x, nullptr, out, affine_coefs);
   });
   if (training) {
@@ -441,7 +592,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_renorm_backward(
     };
     const ChannelCoefs sum_coefs{st + kPivot * C, st + kMeanOffset * C, st + kInvstd * C, nullptr, nullptr};
     const ChannelCoefs affine_coefs{st + kPivot * C, st + kMeanOffset * C, g + kGradB * C,
-                                    g + kGradA * C, g + kGradC0 * C};
+                                    g + kGradA * C, g + kGradMeanDy * C};
     scalar_t* out = dx.mutable_data_ptr<scalar_t>();
     if (per_channel_schedule(lay)) {
       per_channel_passes(lay, x, d, out, sum_coefs, affine_coefs, finalize);

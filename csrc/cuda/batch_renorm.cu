@@ -7,7 +7,8 @@
 //   2. finalize: one thread a channel merges its P partials in double and applies the shared
 //      per-channel math (include/batch_renorm_math.h): r, d from num_batches_tracked read on
 //      the device, running-stat update, folded coefficients; a 1-thread kernel then bumps t.
-//   3. affine: out = ((x - pivot) - offset)*coef_x + dy*coef_dy + coef_0 (y, or dx in backward).
+//   3. affine: y = ((x - pivot) - offset)*scale + shift, or dx = ((x - pivot) - offset)*B +
+//      (dy - mean_dy)*A (exactly 0 where a channel holds one value).
 // Layouts: contiguous (planes of L values, blocks walk tiles of one plane row) and channels-last
 // (rows of C values, 32 channels x 8 rows a block so loads coalesce along C). Offsets are 64-bit.
 // Memory-level parallelism: every thread issues all its loads of an iteration (kPerThread
@@ -158,7 +159,8 @@ __global__ void forward_finalize_kernel(const T* __restrict__ x, int64_t channel
   if (c >= C) return;
   double sum_u = 0.0, sum_u2 = 0.0;
   if (training) merge_partials(partial, P, C, c, sum_u, sum_u2);
-  const ForwardChannelIn in{sum_u, sum_u2, count, training ? to_float(x[c * channel_stride]) : 0.0f,
+  const double mean_u = sum_u / count;  // one-pass sums about the pivot, as (mean, M2)
+  const ForwardChannelIn in{mean_u, fmax(sum_u2 - sum_u * mean_u, 0.0), count, training ? to_float(x[c * channel_stride]) : 0.0f,
                             running_mean[c], running_std[c], weight ? weight[c] : 1.0f,
                             bias ? bias[c] : 0.0f};
   float new_mean, new_std;
@@ -188,17 +190,17 @@ __global__ void backward_finalize_kernel(const float* __restrict__ partial, int 
 struct AffineCoefs {
   const float* pivot;
   const float* offset;
-  const float* coef_x;
-  const float* coef_dy;  // null without dy
-  const float* coef_0;
+  const float* coef_x;   // scale (forward) / B (backward)
+  const float* coef_dy;  // A; null without dy
+  const float* coef_0;   // shift (forward, added) / mean_dy (backward, subtracted from dy)
 };
 
+// forward ((x - pivot) - offset)*cx + c0; backward ((x - pivot) - offset)*cx + (dy - c0)*cdy.
 template <typename T, bool HAS_DY>
 __device__ __forceinline__ T affine_value(const T* x, const T* dy, int64_t i, float pivot, float offset,
                                           float cx, float cdy, float c0) {
-  float v = ((to_float(x[i]) - pivot) - offset) * cx + c0;  // centre first: keeps precision
-  if (HAS_DY) v += to_float(dy[i]) * cdy;
-  return from_float<T>(v);
+  const float xc = (to_float(x[i]) - pivot) - offset;  // centre first: keeps precision
+  return from_float<T>(HAS_DY ? fmaf(xc, cx, (to_float(dy[i]) - c0) * cdy) : fmaf(xc, cx, c0));
 }
 
 // grid (blocks along L, planes (grid-strided)), block kThreads.
@@ -330,7 +332,7 @@ void batch_renorm_backward(DType dtype, const void* x, const void* dy, void* dx,
         partial, P, lay.C, count, weight, stats, grads, training);
     const int64_t C = lay.C;
     const AffineCoefs k{stats + kPivot * C, stats + kMeanOffset * C, grads + kGradB * C, grads + kGradA * C,
-                        grads + kGradC0 * C};
+                        grads + kGradMeanDy * C};
     launch_affine<T, true>(xt, dyt, static_cast<T*>(dx), k, lay, stream);
   });
 }
