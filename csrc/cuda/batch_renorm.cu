@@ -2,11 +2,17 @@
 //
 // Same plan as the Triton kernels of speckle_kernels/batch_renorm.py, everything on the device
 // (no host sync, so the layer can be captured in a CUDA graph):
-//   1. sums: each channel's reduction split over P blocks (blockIdx.x) -> (2, P, C) fp32 partials.
-//      One block per channel would leave an H100 idle at C = 64, 524288 values a channel.
-//   2. finalize: one thread a channel merges its P partials in double and applies the shared
-//      per-channel math (include/batch_renorm_math.h): r, d from num_batches_tracked read on
-//      the device, running-stat update, folded coefficients; a 1-thread kernel then bumps t.
+//   1. reductions: each channel's split over P blocks (blockIdx.x) -> (kPartialRows, P, C) fp64
+//      partials. One block per channel would leave an H100 idle at C = 64, 524288 values a channel.
+//      Forward: (count, mean, M2) of u = x - pivot. Each thread takes the values it loaded in an
+//      iteration (kPerThread, or kRowsInFlight rows) as a group: their mean, the squared
+//      deviations from it, merged into its running fp32 (count, mean, M2) with Chan's formula;
+//      threads merge in double. No cancellation, whatever the distance of the data from the
+//      pivot. Backward: fp32 sums of dy and dy*z (z is centred), the block's total in double.
+//   2. finalize: one thread a channel merges its P partials in double (Chan's formula forward)
+//      and applies the shared per-channel math (include/batch_renorm_math.h): r, d from
+//      num_batches_tracked read on the device, running-stat update, folded coefficients; a
+//      1-thread kernel then bumps t.
 //   3. affine: y = ((x - pivot) - offset)*scale + shift, or dx = ((x - pivot) - offset)*B +
 //      (dy - mean_dy)*A (exactly 0 where a channel holds one value).
 // Layouts: contiguous (planes of L values, blocks walk tiles of one plane row) and channels-last
@@ -49,59 +55,133 @@ __device__ __forceinline__ void centre_of(const T* x, const float* stats, int64_
   }
 }
 
-// Forward: a += u, b += u^2 (u = x - pivot); backward: a += dy, b += dy*z.
-template <bool BWD>
-__device__ __forceinline__ void accumulate(float xv, float dyv, float pivot, float offset,
-                                           float invstd, float& a, float& b) {
-  const float u = xv - pivot;
-  if (BWD) {
-    a += dyv;
-    b += dyv * ((u - offset) * invstd);
-  } else {
-    a += u;
-    b += u * u;
-  }
+// Backward: a += dy, b += dy*z.
+__device__ __forceinline__ void accumulate_grad(float xv, float dyv, float pivot, float offset,
+                                                float invstd, float& a, float& b) {
+  a += dyv;
+  b += dyv * (((xv - pivot) - offset) * invstd);
 }
 
-// grid (P, C), block kThreads.  x, dy: (N, C, L) contiguous; partial: (2, P, C).
+// A thread's running (count, mean, M2) in fp32.
+struct ThreadMoments {
+  float count = 0.0f, mean = 0.0f, m2 = 0.0f;
+};
+
+// Merges the k values u[j] with keep[j] (k = their number) into t: their own mean and squared
+// deviations from it, then Chan's update.
+template <int K>
+__device__ __forceinline__ void add_group(ThreadMoments& t, const float (&u)[K], const bool (&keep)[K]) {
+  float k = 0.0f, s = 0.0f;
+#pragma unroll
+  for (int j = 0; j < K; ++j) {
+    k += keep[j] ? 1.0f : 0.0f;
+    s += keep[j] ? u[j] : 0.0f;
+  }
+  if (k == 0.0f) return;
+  const float m = s / k;
+  float m2 = 0.0f;
+#pragma unroll
+  for (int j = 0; j < K; ++j) {
+    const float v = keep[j] ? u[j] - m : 0.0f;
+    m2 += v * v;
+  }
+  const float total = t.count + k, delta = m - t.mean, w = k / total;
+  t.mean += delta * w;
+  t.m2 += m2 + delta * delta * (t.count * w);
+  t.count = total;
+}
+
+// Chan's merge of the block's threads (blockDim.x * blockDim.y, a multiple of 32, <= 1024) in
+// double; the result is valid in thread 0.
+__device__ __forceinline__ Moments block_moments(const ThreadMoments& t, double* shared /* >= 96 */) {
+  Moments m{t.count, t.mean, t.m2};
+  for (int o = 16; o > 0; o >>= 1) {
+    const double n = __shfl_down_sync(0xffffffffu, m.count, o);
+    const double mean = __shfl_down_sync(0xffffffffu, m.mean, o);
+    const double m2 = __shfl_down_sync(0xffffffffu, m.m2, o);
+    merge_moments(m, n, mean, m2);
+  }
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x, warps = blockDim.x * blockDim.y / 32;
+  __syncthreads();
+  if (tid % 32 == 0) {
+    shared[tid / 32] = m.count;
+    shared[32 + tid / 32] = m.mean;
+    shared[64 + tid / 32] = m.m2;
+  }
+  __syncthreads();
+  m = tid < warps ? Moments{shared[tid], shared[32 + tid], shared[64 + tid]} : Moments{0.0, 0.0, 0.0};
+  if (tid < 32) {
+    for (int o = 16; o > 0; o >>= 1) {
+      const double n = __shfl_down_sync(0xffffffffu, m.count, o);
+      const double mean = __shfl_down_sync(0xffffffffu, m.mean, o);
+      const double m2 = __shfl_down_sync(0xffffffffu, m.m2, o);
+      merge_moments(m, n, mean, m2);
+    }
+  }
+  return m;
+}
+
+// grid (P, C), block kThreads.  x, dy: (N, C, L) contiguous; partial: (kPartialRows, P, C),
+// forward rows (count, mean, M2) of u, backward rows (S(dy), S(dy*z)).
 template <typename T, bool BWD>
 __global__ void sums_contiguous_kernel(const T* __restrict__ x, const T* __restrict__ dy,
-                                       const float* __restrict__ stats, float* __restrict__ partial,
+                                       const float* __restrict__ stats, double* __restrict__ partial,
                                        int64_t N, int64_t C, int64_t L, int64_t tiles_per_row) {
   const int64_t c = blockIdx.y;
   const int p = blockIdx.x, P = gridDim.x;
   float pivot, offset, invstd, a = 0.0f, b = 0.0f;
+  ThreadMoments tm;
   centre_of<T, BWD>(x, stats, c, C, L, pivot, offset, invstd);
   for (int64_t t = p; t < N * tiles_per_row; t += P) {
     const int64_t n = t / tiles_per_row, l0 = (t - n * tiles_per_row) * kTile;
     const int64_t base = (n * C + c) * L;
     float xv[kPerThread], dyv[kPerThread];
+    bool keep[kPerThread];
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j) {
       const int64_t l = l0 + j * kThreads + threadIdx.x;
-      xv[j] = l < L ? to_float(x[base + l]) : pivot;  // u = 0 and dy = 0 off the end: adds nothing
-      dyv[j] = BWD && l < L ? to_float(dy[base + l]) : 0.0f;
+      keep[j] = l < L;
+      xv[j] = keep[j] ? to_float(x[base + l]) : pivot;  // off the end: dy = 0 adds nothing
+      dyv[j] = BWD && keep[j] ? to_float(dy[base + l]) : 0.0f;
     }
+    if constexpr (BWD) {
 #pragma unroll
-    for (int j = 0; j < kPerThread; ++j) accumulate<BWD>(xv[j], dyv[j], pivot, offset, invstd, a, b);
+      for (int j = 0; j < kPerThread; ++j) accumulate_grad(xv[j], dyv[j], pivot, offset, invstd, a, b);
+    } else {
+      float u[kPerThread];
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j) u[j] = xv[j] - pivot;
+      add_group(tm, u, keep);
+    }
   }
-  __shared__ float shared[32];
-  a = block_sum(a, shared);
-  b = block_sum(b, shared);
-  if (threadIdx.x == 0) {
-    partial[p * C + c] = a;
-    partial[(P + p) * C + c] = b;
+  if constexpr (BWD) {
+    __shared__ float shared[32];
+    a = block_sum(a, shared);
+    b = block_sum(b, shared);
+    if (threadIdx.x == 0) {
+      partial[p * C + c] = a;
+      partial[(P + p) * C + c] = b;
+    }
+  } else {
+    __shared__ double shared[96];
+    const Moments m = block_moments(tm, shared);
+    if (threadIdx.x == 0) {
+      partial[p * C + c] = m.count;
+      partial[(P + p) * C + c] = m.mean;
+      partial[(2 * P + p) * C + c] = m.m2;
+    }
   }
 }
 
-// grid (P, ceil(C/32)), block (32, 8).  x, dy: (R, C) rows; partial: (2, P, C).
+// grid (P, ceil(C/32)), block (32, 8).  x, dy: (R, C) rows; partial: as sums_contiguous_kernel.
 template <typename T, bool BWD>
 __global__ void sums_channels_last_kernel(const T* __restrict__ x, const T* __restrict__ dy,
-                                          const float* __restrict__ stats, float* __restrict__ partial,
+                                          const float* __restrict__ stats, double* __restrict__ partial,
                                           int64_t R, int64_t C) {
   const int64_t c = static_cast<int64_t>(blockIdx.y) * kClChannels + threadIdx.x;
   const int p = blockIdx.x, P = gridDim.x;
   float a = 0.0f, b = 0.0f;
+  ThreadMoments tm;
   if (c < C) {
     float pivot, offset, invstd;
     centre_of<T, BWD>(x, stats, c, C, 1, pivot, offset, invstd);
@@ -114,42 +194,65 @@ __global__ void sums_channels_last_kernel(const T* __restrict__ x, const T* __re
         xv[j] = to_float(x[(r + j * step) * C + c]);
         dyv[j] = BWD ? to_float(dy[(r + j * step) * C + c]) : 0.0f;
       }
+      if constexpr (BWD) {
 #pragma unroll
-      for (int j = 0; j < kRowsInFlight; ++j) accumulate<BWD>(xv[j], dyv[j], pivot, offset, invstd, a, b);
+        for (int j = 0; j < kRowsInFlight; ++j) accumulate_grad(xv[j], dyv[j], pivot, offset, invstd, a, b);
+      } else {
+        float u[kRowsInFlight];
+        bool keep[kRowsInFlight];
+#pragma unroll
+        for (int j = 0; j < kRowsInFlight; ++j) {
+          u[j] = xv[j] - pivot;
+          keep[j] = true;
+        }
+        add_group(tm, u, keep);
+      }
     }
     for (; r < R; r += step) {
       const int64_t i = r * C + c;
-      accumulate<BWD>(to_float(x[i]), BWD ? to_float(dy[i]) : 0.0f, pivot, offset, invstd, a, b);
+      if constexpr (BWD) {
+        accumulate_grad(to_float(x[i]), to_float(dy[i]), pivot, offset, invstd, a, b);
+      } else {
+        const float u[1] = {to_float(x[i]) - pivot};
+        const bool keep[1] = {true};
+        add_group(tm, u, keep);
+      }
     }
   }
-  __shared__ float sa[kClRows][kClChannels + 1], sb[kClRows][kClChannels + 1];
-  sa[threadIdx.y][threadIdx.x] = a;
-  sb[threadIdx.y][threadIdx.x] = b;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < C) {
-    for (int k = 1; k < kClRows; ++k) {
-      a += sa[k][threadIdx.x];
-      b += sb[k][threadIdx.x];
+  if constexpr (BWD) {
+    __shared__ float sa[kClRows][kClChannels + 1], sb[kClRows][kClChannels + 1];
+    sa[threadIdx.y][threadIdx.x] = a;
+    sb[threadIdx.y][threadIdx.x] = b;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < C) {
+      for (int k = 1; k < kClRows; ++k) {
+        a += sa[k][threadIdx.x];
+        b += sb[k][threadIdx.x];
+      }
+      partial[p * C + c] = a;
+      partial[(P + p) * C + c] = b;
     }
-    partial[p * C + c] = a;
-    partial[(P + p) * C + c] = b;
-  }
-}
-
-__device__ __forceinline__ void merge_partials(const float* partial, int P, int64_t C, int64_t c,
-                                               double& a, double& b) {
-  a = 0.0;
-  b = 0.0;
-  for (int p = 0; p < P; ++p) {
-    a += partial[p * C + c];
-    b += partial[(P + p) * C + c];
+  } else {
+    __shared__ float sn[kClRows][kClChannels + 1], sm[kClRows][kClChannels + 1],
+        sq[kClRows][kClChannels + 1];
+    sn[threadIdx.y][threadIdx.x] = tm.count;
+    sm[threadIdx.y][threadIdx.x] = tm.mean;
+    sq[threadIdx.y][threadIdx.x] = tm.m2;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < C) {
+      Moments m{tm.count, tm.mean, tm.m2};
+      for (int k = 1; k < kClRows; ++k) merge_moments(m, sn[k][threadIdx.x], sm[k][threadIdx.x], sq[k][threadIdx.x]);
+      partial[p * C + c] = m.count;
+      partial[(P + p) * C + c] = m.mean;
+      partial[(2 * P + p) * C + c] = m.m2;
+    }
   }
 }
 
 // One thread a channel.  stats: (kStatRows, C) out.
 template <typename T>
 __global__ void forward_finalize_kernel(const T* __restrict__ x, int64_t channel_stride,
-                                        const float* __restrict__ partial, int P, int64_t C, double count,
+                                        const double* __restrict__ partial, int P, int64_t C, double count,
                                         const float* __restrict__ weight, const float* __restrict__ bias,
                                         float* running_mean, float* running_std,
                                         const int64_t* __restrict__ num_batches_tracked, float* stats,
@@ -157,10 +260,13 @@ __global__ void forward_finalize_kernel(const T* __restrict__ x, int64_t channel
                                         Schedule d_max) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  double sum_u = 0.0, sum_u2 = 0.0;
-  if (training) merge_partials(partial, P, C, c, sum_u, sum_u2);
-  const double mean_u = sum_u / count;  // one-pass sums about the pivot, as (mean, M2)
-  const ForwardChannelIn in{mean_u, fmax(sum_u2 - sum_u * mean_u, 0.0), count, training ? to_float(x[c * channel_stride]) : 0.0f,
+  Moments m{0.0, 0.0, 0.0};
+  if (training) {
+    for (int p = 0; p < P; ++p) {
+      merge_moments(m, partial[p * C + c], partial[(P + p) * C + c], partial[(2 * P + p) * C + c]);
+    }
+  }
+  const ForwardChannelIn in{m.mean, m.m2, count, training ? to_float(x[c * channel_stride]) : 0.0f,
                             running_mean[c], running_std[c], weight ? weight[c] : 1.0f,
                             bias ? bias[c] : 0.0f};
   float new_mean, new_std;
@@ -175,13 +281,16 @@ __global__ void forward_finalize_kernel(const T* __restrict__ x, int64_t channel
 // After the finalize kernel (stream order), so all its threads saw the same t.
 __global__ void increment_kernel(int64_t* counter) { *counter += 1; }
 
-__global__ void backward_finalize_kernel(const float* __restrict__ partial, int P, int64_t C, double count,
+__global__ void backward_finalize_kernel(const double* __restrict__ partial, int P, int64_t C, double count,
                                          const float* __restrict__ weight, const float* __restrict__ stats,
                                          float* __restrict__ grads, bool training) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  double sum_dy, sum_dyz;
-  merge_partials(partial, P, C, c, sum_dy, sum_dyz);
+  double sum_dy = 0.0, sum_dyz = 0.0;
+  for (int p = 0; p < P; ++p) {
+    sum_dy += partial[p * C + c];
+    sum_dyz += partial[(P + p) * C + c];
+  }
   finalize_backward_channel(sum_dy, sum_dyz, count, stats + c, weight ? weight[c] : 1.0f, training,
                             grads + c, C);
 }
@@ -264,7 +373,7 @@ void dispatch_float(DType dtype, F&& f) {
 }
 
 template <typename T, bool BWD>
-void launch_sums(const T* x, const T* dy, const float* stats, float* partial, int P, const Layout& lay,
+void launch_sums(const T* x, const T* dy, const float* stats, double* partial, int P, const Layout& lay,
                  cudaStream_t stream) {
   if (lay.channels_last) {
     const dim3 grid(P, ceil_div(lay.C, kClChannels)), block(kClChannels, kClRows);
@@ -301,7 +410,7 @@ int batch_renorm_partials(const Layout& lay, int multiprocessors) {
 
 void batch_renorm_forward(DType dtype, const void* x, void* y, const Layout& lay, const float* weight,
                           const float* bias, float* running_mean, float* running_std,
-                          int64_t* num_batches_tracked, float* stats, float* partial, int P,
+                          int64_t* num_batches_tracked, float* stats, double* partial, int P,
                           bool training, float momentum, float eps, Schedule r_max, Schedule d_max,
                           cudaStream_t stream) {
   dispatch_float(dtype, [&](auto* tag) {
@@ -320,7 +429,7 @@ void batch_renorm_forward(DType dtype, const void* x, void* y, const Layout& lay
 }
 
 void batch_renorm_backward(DType dtype, const void* x, const void* dy, void* dx, const Layout& lay,
-                           const float* weight, const float* stats, float* grads, float* partial,
+                           const float* weight, const float* stats, float* grads, double* partial,
                            int P, bool training, cudaStream_t stream) {
   dispatch_float(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;

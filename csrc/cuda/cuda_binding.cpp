@@ -55,12 +55,13 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(
   at::Tensor nbt = num_batches_tracked.contiguous();
   at::Tensor stats = at::empty({kStatRows, lay.C}, x.options().dtype(at::kFloat));
   const int P = partials_for(cl);
-  at::Tensor partial = at::empty({training ? 2 : 0, P, lay.C}, stats.options());
+  at::Tensor partial =
+      at::empty({training ? cuda::kPartialRows : 0, P, lay.C}, stats.options().dtype(at::kDouble));
   at::Tensor y = at::empty_like(lay.x);
   cuda::batch_renorm_forward(dtype_of(x.scalar_type()), lay.x.const_data_ptr(), y.mutable_data_ptr(), cl,
                              optional_ptr(w), optional_ptr(b), rm.mutable_data_ptr<float>(),
                              rs.mutable_data_ptr<float>(), nbt.mutable_data_ptr<int64_t>(),
-                             stats.mutable_data_ptr<float>(), partial.mutable_data_ptr<float>(), P, training,
+                             stats.mutable_data_ptr<float>(), partial.mutable_data_ptr<double>(), P, training,
                              static_cast<float>(momentum), static_cast<float>(eps), schedule_from(r_max, "r_max"),
                              schedule_from(d_max, "d_max"), c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -84,11 +85,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   const at::Tensor w = weight ? channel_floats(*weight) : at::Tensor();
   at::Tensor grads = at::empty({kGradRows, lay.C}, stats.options());
   const int P = partials_for(cl);
-  at::Tensor partial = at::empty({2, P, lay.C}, stats.options());
+  at::Tensor partial = at::empty({2, P, lay.C}, stats.options().dtype(at::kDouble));  // S(dy), S(dy*z)
   at::Tensor dx = at::empty_like(lay.x);
   cuda::batch_renorm_backward(dtype_of(x.scalar_type()), lay.x.const_data_ptr(), dy.const_data_ptr(),
                               dx.mutable_data_ptr(), cl, optional_ptr(w), stats.const_data_ptr<float>(),
-                              grads.mutable_data_ptr<float>(), partial.mutable_data_ptr<float>(), P, training,
+                              grads.mutable_data_ptr<float>(), partial.mutable_data_ptr<double>(), P, training,
                               c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {dx, grads[kGradWeight].clone(), grads[kGradBias].clone()};  // outputs must not alias

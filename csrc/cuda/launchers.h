@@ -20,20 +20,22 @@ struct Layout {
   int64_t N, C, L;
 };
 
-// Rows P of the (2, P, C) fp32 partial-sum workspace the reductions need.
+// The (kPartialRows, P, C) fp64 workspace of the reductions: forward (count, mean, M2) rows,
+// backward the first two rows (S(dy), S(dy*z)). batch_renorm_partials gives P.
+constexpr int kPartialRows = 3;
 int batch_renorm_partials(const Layout& lay, int multiprocessors);
 
 // y = batch_renorm(x); stats: (kStatRows, C) fp32 out; weight/bias may be null; running stats
-// fp32 (C,), updated with num_batches_tracked when training; partial: (2, P, C) fp32 scratch.
+// fp32 (C,), updated with num_batches_tracked when training; partial: the workspace above.
 void batch_renorm_forward(DType dtype, const void* x, void* y, const Layout& lay, const float* weight,
                           const float* bias, float* running_mean, float* running_std,
-                          int64_t* num_batches_tracked, float* stats, float* partial, int P,
+                          int64_t* num_batches_tracked, float* stats, double* partial, int P,
                           bool training, float momentum, float eps, Schedule r_max, Schedule d_max,
                           cudaStream_t stream);
 
 // dx from dy (same layout as x); grads: (kGradRows, C) fp32 out (rows kGradWeight, kGradBias).
 void batch_renorm_backward(DType dtype, const void* x, const void* dy, void* dx, const Layout& lay,
-                           const float* weight, const float* stats, float* grads, float* partial,
+                           const float* weight, const float* stats, float* grads, double* partial,
                            int P, bool training, cudaStream_t stream);
 
 // out = speckle(src) for `numel` contiguous elements, `per_image` of them per image. src is
