@@ -367,7 +367,8 @@ def test_dicom_frames_bit_depth_and_formats(tmp_path, ckpt, capsys):
 
 
 def test_dicom_without_decoder_or_pydicom(tmp_path, ckpt, capsys, monkeypatch):
-    from pydicom.uid import JPEGLSLossless  # dicom_file skips the test when pydicom is missing
+    pytest.importorskip("pydicom", reason="DICOM needs pydicom (pip install pydicom)")
+    from pydicom.uid import JPEGLSLossless
 
     compressed = dicom_file(tmp_path / "jpegls.dcm", np.zeros((1, 20, 20), np.uint8), 8,
                             transfer_syntax=JPEGLSLossless)
