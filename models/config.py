@@ -1,5 +1,12 @@
-"""What a training run is: its settings (TrainConfig), the two presets and the command-line
+"""What a training run is: its settings (TrainConfig), the presets and the command-line
 options that fill them, shared by speckle-train and speckle-reproduce.
+
+Targets (TrainConfig.target):
+- "clean" (the paper): the input is the data's image (on the phantom: a B-mode image with its
+  physical speckle) plus the configured noise, the target is that image without the added noise.
+- "speckle-free" (phantom only): the same input, the target is the speckle-free map the image
+  was simulated from (data.*_clean), normalized the same way: the network despeckles. The
+  added noise may then be zero (noise factor 0 and --sigma-add 0: physical speckle only).
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ PRESETS = {
                   threads=1,
                   lr={"di-conv-ae": 0.004, "d-unet": 0.005, "br-unet": 0.002}),
 }
+TARGETS = ("clean", "speckle-free")
 
 
 @dataclass
@@ -68,6 +76,7 @@ class TrainConfig:
     progress: bool = True
     cache_dir: str | None = None
     threads: int | None = None       # CPU intra-op threads; None: torch's default
+    target: str = "clean"            # "clean" | "speckle-free" (module docstring)
 
     def resolved(self) -> "TrainConfig":
         """Fill the model-dependent and noise defaults and check every value."""
@@ -93,6 +102,8 @@ class TrainConfig:
             raise ValueError(f"unknown preset {c.preset!r}; expected one of {', '.join(PRESETS)}")
         if c.distribution not in DISTRIBUTIONS:
             raise ValueError(f"unknown distribution {c.distribution!r}")
+        if c.target not in TARGETS:
+            raise ValueError(f"unknown target {c.target!r}; expected one of {', '.join(TARGETS)}")
         for name in ("epochs", "batch_size", "width", "image_size", "log_every"):
             if getattr(c, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}")
@@ -103,10 +114,17 @@ class TrainConfig:
         return c
 
 
-# The fields that must agree between a checkpoint and a run that resumes it.
-_RESUME_KEYS = ("model", "noise_factor", "data", "batch_size", "lr", "dropout", "width",
-                "image_size", "count", "val_fraction", "norm", "distribution", "sigma_mult",
-                "sigma_add", "seed", "cuda_graph")
+# The fields that must agree between a checkpoint and a run that resumes it, and the value a
+# field had in checkpoints written before it existed.
+RESUME_KEYS = ("model", "noise_factor", "data", "batch_size", "lr", "dropout", "width",
+               "image_size", "count", "val_fraction", "norm", "distribution", "sigma_mult",
+               "sigma_add", "seed", "cuda_graph", "target")
+RESUME_DEFAULTS = {"target": "clean"}
+
+
+def resume_mismatch(saved: dict, config: "TrainConfig") -> list[str]:
+    """The RESUME_KEYS on which a checkpoint's saved config and `config` disagree."""
+    return [k for k in RESUME_KEYS if saved.get(k, RESUME_DEFAULTS.get(k)) != getattr(config, k)]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -120,7 +138,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="quick", help="paper | quick (default quick)")
+    p.add_argument("--preset", default="quick", help=f"{' | '.join(PRESETS)} (default quick)")
     p.add_argument("--data", default="phantom", help="'phantom' or a path to ultrasound images")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--out", required=True, help="output folder")
@@ -132,6 +150,9 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--count", type=int, help="images to load for train+val (default: preset)")
     p.add_argument("--test-count", type=int)
     p.add_argument("--distribution", default="gaussian", choices=DISTRIBUTIONS)
+    p.add_argument("--target", default="clean", choices=TARGETS,
+                   help="clean: the image without the added noise (the paper); speckle-free: "
+                        "the phantom's speckle-free map (despeckling)")
     p.add_argument("--sigma-mult", type=float, help="multiplicative sigma before the factor")
     p.add_argument("--sigma-add", type=float, help="additive noise sigma")
     p.add_argument("--cache-dir")
@@ -149,20 +170,20 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace, *, model: str, noise_factor: float, out: str,
                      **overrides) -> TrainConfig:
     """A resolved TrainConfig from the shared CLI options, the preset and per-run overrides
-    (lr, dropout, norm; None keeps the model's default)."""
+    (lr, dropout, norm, seed, distribution, sigma_mult...; None keeps the default)."""
     if args.preset not in PRESETS:
         raise ValueError(f"unknown preset {args.preset!r}; expected one of {', '.join(PRESETS)}")
-    sized = dict(PRESETS[args.preset])
-    sized["lr"] = sized["lr"][model]
-    for key in sized:
+    fields = dict(PRESETS[args.preset])
+    fields["lr"] = fields["lr"][model]
+    for key in fields:
         if getattr(args, key, None) is not None:
-            sized[key] = getattr(args, key)
-    sized.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = TrainConfig(model=model, out=out, noise_factor=noise_factor, data=args.data,
-                      preset=args.preset, distribution=args.distribution,
-                      sigma_mult=args.sigma_mult, sigma_add=args.sigma_add, seed=args.seed,
-                      device=args.device, amp=False if args.no_amp else None,
-                      compile=args.compile, cuda_graph=args.cuda_graph, log_every=args.log_every,
-                      norm_backend=args.norm_backend,
-                      progress=not args.no_progress, cache_dir=args.cache_dir, **sized)
-    return cfg.resolved()
+            fields[key] = getattr(args, key)
+    fields.update(data=args.data, preset=args.preset,
+                  distribution=args.distribution,
+                  sigma_mult=args.sigma_mult, sigma_add=args.sigma_add, seed=args.seed,
+                  device=args.device, amp=False if args.no_amp else None,
+                  compile=args.compile, cuda_graph=args.cuda_graph, log_every=args.log_every,
+                  norm_backend=args.norm_backend, target=args.target,
+                  progress=not args.no_progress, cache_dir=args.cache_dir)
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(model=model, out=out, noise_factor=noise_factor, **fields).resolved()

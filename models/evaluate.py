@@ -3,7 +3,8 @@ evaluation sets, batched prediction and the scores (MSE, PSNR, SSIM).
 
 Validation and test images get their noise once, from a fixed seed that depends only on the
 noise settings (config.VAL_NOISE_SEED / TEST_NOISE_SEED), so every model and every epoch sees
-the same noisy images.
+the same noisy images. The target of an evaluation set follows config.target: the image itself
+("clean") or its speckle-free map ("speckle-free", phantom only).
 """
 from __future__ import annotations
 
@@ -28,6 +29,30 @@ def load_data(config: TrainConfig):
                         val_fraction=config.val_fraction, count=config.count,
                         test_count=config.test_count, cache_dir=config.cache_dir,
                         progress=config.progress)
+
+
+def check_target(data, config: TrainConfig) -> None:
+    """ValueError when config.target needs speckle-free maps that `data` does not have."""
+    if config.target == "speckle-free" and any(
+            getattr(data, f"{part}_clean", None) is None for part in ("train", "val", "test")):
+        name = getattr(data, "source", "") or config.data
+        raise ValueError(f"--target speckle-free needs speckle-free maps, and the data "
+                         f"{name!r} has none (only the built-in phantom has them)")
+
+
+def eval_pair(data, split: str, config: TrainConfig, seed: int, device: torch.device,
+              limit: int | None = None):
+    """(noisy input, target) of data.<split> (its first `limit` images), normalized, on the
+    device: the fixed evaluation noise on the image, the target config.target names. The first
+    k images get the same noise as in the whole set (the noise stream is per element)."""
+    from .pairs import normalize_u8
+
+    check_target(data, config)
+    images = getattr(data, split)[:limit]
+    noisy, clean = noisy_eval_set(images, config, seed, device)
+    if config.target == "speckle-free":
+        clean = normalize_u8(getattr(data, f"{split}_clean")[:limit].to(device), noisy.dtype)
+    return noisy, clean
 
 
 def noisy_eval_set(images_u8: torch.Tensor, config: TrainConfig, seed: int, device: torch.device):
@@ -65,7 +90,12 @@ def evaluate(model: nn.Module, noisy: torch.Tensor, clean: torch.Tensor, **kw) -
     return image_scores(pred, clean.float())
 
 
+def per_image_scores(pred01: torch.Tensor, target01: torch.Tensor) -> dict:
+    """{"psnr": (N,), "ssim": (N,)} float64 CPU tensors, one score per image in [0, 1]."""
+    return {"psnr": psnr(pred01, target01).cpu(), "ssim": ssim(pred01, target01).cpu()}
+
+
 def image_scores(pred: torch.Tensor, clean: torch.Tensor) -> dict:
-    p, c = from_normalized(pred.float()), from_normalized(clean.float())
+    per = per_image_scores(from_normalized(pred.float()), from_normalized(clean.float()))
     return {"loss": F.mse_loss(pred.float(), clean.float()).item(),
-            "psnr": psnr(p, c).mean().item(), "ssim": ssim(p, c).mean().item()}
+            "psnr": per["psnr"].mean().item(), "ssim": per["ssim"].mean().item()}

@@ -5,6 +5,9 @@ loss, PSNR and SSIM (predictions clamped to [-1, 1], then mapped to [0, 1]), wal
 images/s. Files in config.out, each written atomically: checkpoint.pt, metrics.json/csv
 (checkpoint.py), train_loss.png (paper fig. 6) and train_samples.png (fig. 7) (plots.py).
 
+config.target "speckle-free" trains against the phantom's speckle-free maps (pairs.py makes the
+batches; validation scores are against the maps too); data without such maps is refused.
+
 Resuming continues from checkpoint.pt at the epoch boundary it recorded: the weights, the
 optimizer, the RNG and the epoch counter come back, and the data order and the training noise
 depend only on (seed, epoch), so a killed run resumed gives the same weights bit for bit on a
@@ -34,14 +37,10 @@ from speckle_kernels.data import DeviceBatches
 
 from . import build_model, distributed
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_NAME, CHECKPOINT_VERSION, load_checkpoint, save_checkpoint, write_metrics
-from .config import VAL_NOISE_SEED, TrainConfig, resolve_device
-from .evaluate import evaluate, load_data, noisy_eval_set, predict
+from .config import VAL_NOISE_SEED, TrainConfig, resolve_device, resume_mismatch
+from .evaluate import check_target, eval_pair, evaluate, load_data, predict
+from .pairs import PairBatches
 from .plots import loss_curves, sample_grid
-
-# The fields that must agree between a checkpoint and a run that resumes it.
-_RESUME_KEYS = ("model", "noise_factor", "data", "batch_size", "lr", "dropout", "width",
-                "image_size", "count", "val_fraction", "norm", "distribution", "sigma_mult",
-                "sigma_add", "seed", "cuda_graph")
 
 
 class _GraphedStep:
@@ -105,7 +104,7 @@ def train(config: TrainConfig, *, data=None, resume: bool = False, overwrite: bo
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
         saved = ckpt["config"]
-        diff = [k for k in _RESUME_KEYS if saved.get(k) != getattr(config, k)]
+        diff = resume_mismatch(saved, config)
         if saved.get("model") != config.model:
             raise ValueError(f"{ckpt_path} holds a {saved.get('model')!r} run, not {config.model!r}")
         if diff:
@@ -127,6 +126,7 @@ def train(config: TrainConfig, *, data=None, resume: bool = False, overwrite: bo
         torch.set_num_threads(config.threads)
     if data is None:
         data = load_data(config)
+    check_target(data, config)
     out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(config.seed)
@@ -151,13 +151,17 @@ def train(config: TrainConfig, *, data=None, resume: bool = False, overwrite: bo
     run_model = distributed.data_parallel(model, dctx, device)
     run_model = torch.compile(run_model) if config.compile else run_model
 
-    train_batches = DeviceBatches(
-        data.train, config.batch_size, factor=config.noise_factor, sigma_mult=config.sigma_mult,
-        sigma_add=config.sigma_add, distribution=config.distribution, seed=config.seed,
-        device=device, out_dtype=torch.float32, shuffle=True,
+    batch_kw = dict(
+        factor=config.noise_factor, sigma_mult=config.sigma_mult, sigma_add=config.sigma_add,
+        distribution=config.distribution, seed=config.seed, device=device,
+        out_dtype=torch.float32, shuffle=True,
         drop_last=config.cuda_graph or dctx.enabled,  # every rank must take the same steps
         rank=dctx.rank, world_size=dctx.world_size)
-    val_noisy, val_clean = noisy_eval_set(data.val, config, VAL_NOISE_SEED, device)
+    if config.target == "speckle-free":
+        train_batches = PairBatches(data.train, data.train_clean, config.batch_size, **batch_kw)
+    else:
+        train_batches = DeviceBatches(data.train, config.batch_size, **batch_kw)
+    val_noisy, val_clean = eval_pair(data, "val", config, VAL_NOISE_SEED, device)
     eval_kw = dict(batch_size=max(config.batch_size, 64), amp=amp, channels_last=channels_last)
 
     loss_sum = torch.zeros((), device=device)
