@@ -227,13 +227,17 @@ def train(config: TrainConfig, *, data=None, resume: bool = False, overwrite: bo
         distributed.barrier(dctx)
         _say(config, f"epoch {epoch + 1}/{config.epochs}: train {train_loss:.5f}  val {val['loss']:.5f}  "
                      f"PSNR {val['psnr']:.2f} dB  SSIM {val['ssim']:.4f}  {elapsed:.1f} s")
-    if plots and history and dctx.is_main:
-        loss_curves(history, out / "train_loss.png",
-                    title=f"{config.model}, noise x{config.noise_factor:g}")
+    # a finished run resumed trains nothing: its figures are redrawn only if missing
+    figures = (out / "train_loss.png", out / "train_samples.png")
+    redraw = start_epoch < config.epochs or not all(f.exists() for f in figures)
+    if plots and history and dctx.is_main and redraw:
+        title = (f"{config.model}, {config.distribution} noise x{config.noise_factor:g} "
+                 f"(sigma {config.sigma_mult:g})" + (", speckle-free target" if config.target != "clean" else ""))
+        loss_curves(history, figures[0], title=title)
         k = min(4, val_noisy.shape[0])
         # the bare model: only rank 0 draws, so no collective may run here
         sample_grid(val_clean[:k], val_noisy[:k], predict(model, val_noisy[:k], **eval_kw),
-                    out / "train_samples.png", title=f"{config.model}, noise x{config.noise_factor:g}")
+                    figures[1], title=title)
     return TrainResult(model=model, config=config, history=history, out=out)
 
 
