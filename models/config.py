@@ -137,7 +137,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def add_common_arguments(p: argparse.ArgumentParser) -> None:
+def add_common_arguments(p: argparse.ArgumentParser, *, distribution: bool = True) -> None:
+    """The options speckle-train and speckle-reproduce share; distribution=False leaves out
+    --distribution (speckle-reproduce picks it per table with --noise)."""
     p.add_argument("--preset", default="quick", help=f"{' | '.join(PRESETS)} (default quick)")
     p.add_argument("--data", default="phantom", help="'phantom' or a path to ultrasound images")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -149,7 +151,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int)
     p.add_argument("--count", type=int, help="images to load for train+val (default: preset)")
     p.add_argument("--test-count", type=int)
-    p.add_argument("--distribution", default="gaussian", choices=DISTRIBUTIONS)
+    if distribution:
+        p.add_argument("--distribution", default="gaussian", choices=DISTRIBUTIONS)
     p.add_argument("--target", default="clean", choices=TARGETS,
                    help="clean: the image without the added noise (the paper); speckle-free: "
                         "the phantom's speckle-free map (despeckling)")
@@ -179,7 +182,7 @@ def config_from_args(args: argparse.Namespace, *, model: str, noise_factor: floa
         if getattr(args, key, None) is not None:
             fields[key] = getattr(args, key)
     fields.update(data=args.data, preset=args.preset,
-                  distribution=args.distribution,
+                  distribution=getattr(args, "distribution", "gaussian"),
                   sigma_mult=args.sigma_mult, sigma_add=args.sigma_add, seed=args.seed,
                   device=args.device, amp=False if args.no_amp else None,
                   compile=args.compile, cuda_graph=args.cuda_graph, log_every=args.log_every,

@@ -1,4 +1,5 @@
-"""The paper's figures: loss per epoch (fig. 6) and clean / noisy / denoised images (fig. 7).
+"""The paper's figures: loss per epoch (fig. 6) and clean / noisy / denoised images (fig. 7),
+and speckle-reproduce's: validation loss of every run, one test image under every method.
 
 PNG files are rendered in memory and written atomically (temp file + os.replace), with the
 non-interactive Agg backend so that no display is needed.
@@ -77,4 +78,31 @@ def table2_curves(histories: dict[str, list[dict]], path: Path, *, title: str = 
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=3)
     ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def method_grid(rows: list[tuple[str, list[tuple[str, torch.Tensor]]]], path: Path, *,
+                title: str = "") -> None:
+    """One image under every method at every noise level: rows (level label, [(method,
+    image)]), images (H, W) or (1, H, W) with values in [0, 1]; every row has the same methods."""
+    plt = _figure()
+    n_rows, n_cols = len(rows), max(len(r[1]) for r in rows)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.6 * n_cols, 1.75 * n_rows + 0.4),
+                             squeeze=False)
+    for r, (label, images) in enumerate(rows):
+        for j in range(n_cols):
+            ax = axes[r][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j >= len(images):
+                ax.axis("off")
+                continue
+            name, img = images[j]
+            img = torch.as_tensor(img).detach().float().cpu().reshape(img.shape[-2:]).clamp(0, 1)
+            ax.imshow(img.numpy(), cmap="gray", vmin=0, vmax=1)
+            if r == 0:
+                ax.set_title(name, fontsize=7)
+            if j == 0:
+                ax.set_ylabel(label, fontsize=8)
+    fig.suptitle(title, fontsize=9)
     _save(fig, path)

@@ -1,5 +1,7 @@
 """The speckle-free target (pairs.py, evaluate.eval_pair) and speckle-reproduce at tiny sizes:
 Gaussian and Rayleigh tables from one call, seeds, the bootstrap, the grid figure, resume."""
+import csv
+import io
 import json
 from dataclasses import replace
 
@@ -8,11 +10,15 @@ import pytest
 import torch
 
 from speckle_kernels.data import DeviceBatches, UltrasoundData, load_dataset
+from speckle_kernels.metrics import psnr, ssim
+from speckle_models import baselines, report, reproduce
 from speckle_models import loop as L
 from speckle_models import train as T
+from speckle_models.baselines import available_filters
 from speckle_models.config import VAL_NOISE_SEED, TrainConfig
 from speckle_models.evaluate import eval_pair, image_scores, noisy_eval_set, predict
 from speckle_models.pairs import PairBatches, normalize_u8
+from speckle_models.stats import bootstrap_mean_ci, excludes_zero, mean_std
 
 
 @pytest.fixture(autouse=True)
@@ -107,3 +113,197 @@ def test_speckle_free_refused_without_maps(tmp_path, tiny_data, capsys, cache_di
     err = capsys.readouterr().err
     assert "speckle-free maps" in err and str(folder) in err
     assert not (tmp_path / "k").exists()
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def test_bootstrap_known_cases():
+    # constant differences: every resample has the same mean, a zero-width interval
+    ci = bootstrap_mean_ci(np.full(37, 1.25))
+    assert ci["low"] == ci["high"] == ci["mean"] == pytest.approx(1.25)
+    assert excludes_zero(ci) and not excludes_zero(bootstrap_mean_ci(np.zeros(5)))
+    # two images (0, 1): resample means are 0, 1/2, 1 with probabilities 1/4, 1/2, 1/4, so the
+    # 2.5% and 97.5% quantiles of 2000 of them are 0 and 1
+    ci = bootstrap_mean_ci([0.0, 1.0])
+    assert (ci["low"], ci["mean"], ci["high"]) == (0.0, 0.5, 1.0)
+    # symmetric about 0: the interval contains 0 and is about symmetric
+    sym = np.concatenate([np.linspace(0.1, 2, 40), -np.linspace(0.1, 2, 40)])
+    ci = bootstrap_mean_ci(sym)
+    assert ci["low"] < 0 < ci["high"] and not excludes_zero(ci)
+    assert abs(ci["low"] + ci["high"]) < 0.1 * (ci["high"] - ci["low"])
+    # large n: close to the normal interval mean +- 1.96 sd / sqrt(n)
+    d = np.random.default_rng(5).normal(0.3, 1.0, 400)
+    ci = bootstrap_mean_ci(d)
+    half = 1.96 * d.std(ddof=1) / np.sqrt(d.size)
+    assert ci["low"] == pytest.approx(d.mean() - half, abs=0.15 * half)
+    assert ci["high"] == pytest.approx(d.mean() + half, abs=0.15 * half)
+    # reproducible for a seed, another seed draws other resamples
+    assert bootstrap_mean_ci(d) == bootstrap_mean_ci(d, seed=0)
+    assert bootstrap_mean_ci(d, seed=1)["low"] != ci["low"]
+    assert ci["n"] == 400 and ci["resamples"] == 2000 and ci["level"] == 0.95
+    for bad in ([], [1.0, np.inf], np.zeros((2, 2))):
+        with pytest.raises(ValueError):
+            bootstrap_mean_ci(bad)
+
+
+def test_mean_std():
+    assert mean_std([3.0]) == (3.0, None)
+    m, s = mean_std([1.0, 2.0, 4.0])
+    assert m == pytest.approx(7 / 3) and s == pytest.approx(np.std([1, 2, 4], ddof=1))
+
+
+# ----------------------------------------------------------------------------- speckle-reproduce
+
+TINY = ["--preset", "quick", "--image-size", "16", "--count", "24", "--test-count", "8",
+        "--epochs", "1", "--batch-size", "4", "--width", "4", "--device", "cpu", "--no-progress"]
+MAIN = ["--models", "d-unet", "di-conv-ae", "--noise", "both", "--factors", "1", "10",
+        "--rayleigh-sigmas", "0.5", "--seeds", "2", "--baseline-count", "4"]
+
+
+@pytest.fixture(scope="module")
+def both_tables(tmp_path_factory, cache_dir):
+    """One speckle-reproduce call: Gaussian x1, x10 and Rayleigh sigma 0.5, two networks, two
+    seeds. The grid figure's rows are recorded on their way to plots.method_grid."""
+    out = tmp_path_factory.mktemp("rep")
+    grids = []
+    real = report.method_grid
+
+    def spy(rows, path, **kw):
+        grids.append((path.name, rows))
+        return real(rows, path, **kw)
+
+    report.method_grid = spy
+    try:
+        assert reproduce.main(["--out", str(out), "--cache-dir", cache_dir, *TINY, *MAIN]) == 0
+    finally:
+        report.method_grid = real
+    return out, grids
+
+
+def _png(path):
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_both_noise_tables_from_one_call(both_tables):
+    out, grids = both_tables
+    for name in ("table2_gaussian", "table2_rayleigh"):
+        for ext in (".md", ".csv", ".json"):
+            assert (out / f"{name}{ext}").stat().st_size > 0
+        assert _png(out / f"{name}_val_loss.png") and _png(out / f"{name}_grid.png")
+    assert not [p for p in out.rglob(".*")]                     # no temp files left
+    gauss = (out / "table2_gaussian.md").read_text()
+    assert "D-U-Net x1" in gauss and "Di-Conv-AE-Net x10" in gauss and "24.9299" in gauss
+    ray = (out / "table2_rayleigh.md").read_text()
+    assert "D-U-Net σ=0.5" in ray and "24.9299" not in ray      # the paper's table is Gaussian only
+    for text in (gauss, ray):
+        for name in ("median", "total variation", "non-local means", "Lee", "Frost", "SRAD", "noisy input"):
+            assert name in text
+    # the runs: the level's noise settings and each seed
+    ckpt = torch.load(out / "runs" / "table2_rayleigh" / "di-conv-ae-sigma0.5-s1" / "checkpoint.pt",
+                      weights_only=True)["config"]
+    assert (ckpt["distribution"], ckpt["noise_factor"], ckpt["sigma_mult"], ckpt["seed"]) == ("rayleigh", 1.0, 0.5, 1)
+    ckpt = torch.load(out / "runs" / "table2_gaussian" / "d-unet-x10-s0" / "checkpoint.pt",
+                      weights_only=True)["config"]
+    assert (ckpt["distribution"], ckpt["noise_factor"], ckpt["sigma_mult"], ckpt["seed"]) == ("gaussian", 10.0, 0.1, 0)
+    # the grid: one row per level; clean, noisy, every filter, every network
+    assert [g[0] for g in grids] == ["table2_gaussian_grid.png", "table2_rayleigh_grid.png"]
+    rows = grids[0][1]
+    assert [r[0] for r in rows] == ["x1", "x10"]
+    names = [n for n, _ in rows[0][1]]
+    assert names[:2] == ["clean", "noisy"] and names[-2:] == ["D-U-Net", "Di-Conv-AE-Net"]
+    assert len(names) == 4 + len(available_filters())
+    assert all(img.shape[-2:] == (16, 16) and 0 <= img.min() and img.max() <= 1
+               for _, images in rows for _, img in images)
+
+
+def test_seeds_give_mean_and_std(both_tables):
+    out, _ = both_tables
+    doc = json.loads((out / "table2_gaussian.json").read_text())
+    for level in ("x1", "x10"):
+        for model in ("d-unet", "di-conv-ae"):
+            net = doc["summary"][level]["networks"][model]
+            per = [r["psnr"] for r in net["per_seed"]]
+            assert net["seeds"] == [0, 1] and len(set(per)) == 2
+            assert net["psnr_mean"] == pytest.approx(np.mean(per))
+            assert net["psnr_std"] == pytest.approx(np.std(per, ddof=1))
+            assert net["ssim_std"] == pytest.approx(np.std([r["ssim"] for r in net["per_seed"]], ddof=1))
+            # a 255 data range on [0, 1] images pushes SSIM to ~1 (the paper's 0.9999)
+            assert net["ssim_range255"] > 0.99 > net["ssim_mean"]
+            assert net["seconds_per_image"] > 0
+    text = (out / "table2_gaussian.md").read_text()
+    psnr_row = next(line for line in text.splitlines() if line.startswith("| PSNR (dB) |"))
+    assert psnr_row.count("±") == 4
+    assert "mean ± std over 2 seeds" in text and "Inference per image" in text
+
+
+def test_paired_comparison_to_the_best_filter(both_tables):
+    out, _ = both_tables
+    doc = json.loads((out / "table2_rayleigh.json").read_text())
+    s = doc["summary"]["sigma0.5"]
+    best = max(s["filters"], key=lambda f: s["filters"][f]["psnr"])
+    assert s["best_filter"] == best
+    per = doc["per_image_first_k"]["sigma0.5"]
+    assert len(per[best]) == 4 and np.mean(per[best]) == pytest.approx(s["filters"][best]["psnr"])
+    for model in ("d-unet", "di-conv-ae"):
+        vs = s["networks"][model]["vs_best"]
+        assert vs["filter"] == best
+        d = np.array(per[model]) - np.array(per[best])       # seed-averaged network minus filter
+        assert vs["psnr"] == bootstrap_mean_ci(d)
+        assert vs["psnr"]["low"] <= vs["psnr"]["mean"] <= vs["psnr"]["high"]
+    for f, r in s["filters"].items():
+        assert r["seconds_per_image"] > 0 and r["params"], f
+    rows = list(csv.DictReader(io.StringIO((out / "table2_rayleigh.csv").read_text())))
+    nets = [r for r in rows if r["kind"] == "network"]
+    assert len(nets) == 2 and all(r["best_filter"] and r["dpsnr_low"] and r["seconds_per_image"] for r in nets)
+    assert {r["kind"] for r in rows} == {"input", "filter", "network"}
+    text = (out / "table2_rayleigh.md").read_text()
+    assert "Networks minus the best filter" in text and "bootstrap interval" in text
+
+
+def test_resume_reuses_runs_scores_and_filters(both_tables, cache_dir, monkeypatch):
+    out, _ = both_tables
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()}
+    old = json.loads((out / "table2_gaussian.json").read_text())
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed on --resume")
+
+    monkeypatch.setattr(reproduce, "evaluate_run", boom)
+    monkeypatch.setattr(baselines, "run_baselines", boom)
+    assert reproduce.main(["--out", str(out), "--cache-dir", cache_dir, *TINY, *MAIN, "--resume"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()} == before
+    new = json.loads((out / "table2_gaussian.json").read_text())
+    assert new["summary"] == old["summary"] and new["per_image_first_k"] == old["per_image_first_k"]
+    # without --resume finished runs are not silently trained again
+    with pytest.raises(SystemExit):
+        reproduce.main(["--out", str(out), "--cache-dir", cache_dir, *TINY, *MAIN])
+
+
+def test_reproduce_speckle_free_table(tmp_path, cache_dir, tiny_data):
+    out = tmp_path / "despeckle"
+    assert reproduce.main(["--out", str(out), "--cache-dir", cache_dir, *TINY, "--target", "speckle-free",
+                           "--models", "d-unet", "--factors", "0", "--sigma-add", "0",
+                           "--baseline-count", "3"]) == 0
+    text = (out / "despeckle_gaussian.md").read_text()
+    assert text.startswith("# Despeckling") and "target speckle-free" in text and "24.9299" not in text
+    doc = json.loads((out / "despeckle_gaussian.json").read_text())
+    s = doc["summary"]["x0"]
+    # no added noise: the input row is the speckled image scored against its speckle-free map
+    speckled01, maps01 = tiny_data.test.double() / 255, tiny_data.test_clean.double() / 255
+    assert s["noisy"]["psnr_all"] == pytest.approx(psnr(speckled01, maps01).mean().item(), abs=1e-4)
+    assert s["noisy"]["ssim_all"] == pytest.approx(ssim(speckled01, maps01).mean().item(), abs=1e-4)
+    assert s["networks"]["d-unet"]["vs_best"]["psnr"]["n"] == 3
+    cfg = torch.load(out / "runs" / "despeckle_gaussian" / "d-unet-x0-s0" / "checkpoint.pt",
+                     weights_only=True)["config"]
+    assert cfg["target"] == "speckle-free" and cfg["noise_factor"] == 0.0 and cfg["sigma_add"] == 0.0
+
+
+def test_reproduce_cli_errors(tmp_path, capsys, cache_dir):
+    out = tmp_path / "rep"
+    for argv, msg in ((["--seeds", "0"], "--seeds must be >= 1"),
+                      (["--noise", "speckle"], "invalid choice"),
+                      (["--distribution", "rayleigh"], "unrecognized arguments")):
+        with pytest.raises(SystemExit) as e:
+            reproduce.main(["--out", str(out), "--cache-dir", cache_dir, *TINY, *argv])
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+    assert not out.exists()
