@@ -34,6 +34,16 @@ TEST_NOISE_SEED = 20_240_002
 # rates below; --lr overrides either preset. Quick also runs one intra-op CPU thread: on a
 # machine shared with other jobs, two OpenMP threads per process were measured 10-20x slower
 # per step than one (spin-waiting threads fighting for the cores). --threads overrides.
+# "medium" runs the paper's 128x128 on that CPU, sized for one noise model with 3 seeds
+# (speckle-reproduce: 27 trainings for the Gaussian table) in about half an hour: 500 phantom
+# images (400 train / 100 val), 128 test images, width 8, batch 4, 4 epochs (400 steps), quick's
+# rates and one thread. Measured here (2026-12-02, load average ~4.5 from other jobs on the 2
+# cores): one Br-U-Net training 67 s (4 epochs of ~16.5 s, 25 images/s, validation included);
+# one epoch of a scaled-down run 10-14 s per network; the filters ~12 s per level on 128 test
+# images; evaluation ~2 s per run. Extrapolated: ~33 min for the Gaussian table (3 levels),
+# ~44 min for the Rayleigh one (4 levels). It is not trained to convergence: Br-U-Net's
+# validation PSNR at x1 is 18.8, 24.2, 26.3, 28.0 dB over the 4 epochs (a rate of 0.005 instead
+# of 0.002 gave 28.4), so medium tests the statistics at the paper's size, not its accuracy.
 PRESETS = {
     "paper": dict(image_size=128, count=None, test_count=None, epochs=PAPER_EPOCHS,
                   batch_size=PAPER_BATCH_SIZE, width=32, threads=None,
@@ -41,6 +51,9 @@ PRESETS = {
     "quick": dict(image_size=48, count=500, test_count=64, epochs=6, batch_size=4, width=16,
                   threads=1,
                   lr={"di-conv-ae": 0.004, "d-unet": 0.005, "br-unet": 0.002}),
+    "medium": dict(image_size=128, count=500, test_count=128, epochs=4, batch_size=4, width=8,
+                   threads=1,
+                   lr={"di-conv-ae": 0.004, "d-unet": 0.005, "br-unet": 0.002}),
 }
 TARGETS = ("clean", "speckle-free")
 
