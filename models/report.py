@@ -98,7 +98,8 @@ def summarize(levels, models, nets, filters, noisy, k) -> dict:
         s = level.slug
         fl = filters[s]
         n_all = noisy[s]["all"]
-        row = {"noisy": {"psnr_all": n_all["psnr"].mean().item(), "ssim_all": n_all["ssim"].mean().item(),
+        row = {"noisy": {"n_all": len(n_all["psnr"]), "psnr_all": n_all["psnr"].mean().item(),
+                         "ssim_all": n_all["ssim"].mean().item(),
                          "psnr": n_all["psnr"][:k].mean().item(), "ssim": n_all["ssim"][:k].mean().item()},
                "filters": {name: {"psnr": r["psnr"].mean().item(), "ssim": r["ssim"].mean().item(),
                                   "params": r["params"], "seconds_per_image": r["seconds_per_image"],
@@ -190,14 +191,16 @@ def render_markdown(name, *, args, levels, summary, k, settings, wall_s) -> str:
                   row("SSIM", [f"{v[3]:.6f}" for v in p]),
                   row("Total run time", [v[4] for v in p])]
     lv_head = " | ".join(lv.label for lv in levels)
+    n_all = summary[levels[0].slug]["noisy"]["n_all"]
     lines += ["", f"## Every method on the first {k} test images (PSNR dB / SSIM, run time per image)", "",
               f"| method | {lv_head} | parameters (tuned on validation images) |",
-              "|---" * (len(levels) + 2) + "|",
-              row(f"noisy input (all {settings['train/val/test images'].split('/')[-1]} test images)",
-                  [f"{summary[lv.slug]['noisy']['psnr_all']:.2f} / {summary[lv.slug]['noisy']['ssim_all']:.4f}"
-                   for lv in levels] + [""]),
-              row("noisy input", [f"{summary[lv.slug]['noisy']['psnr']:.2f} / {summary[lv.slug]['noisy']['ssim']:.4f}"
-                                  for lv in levels] + [""])]
+              "|---" * (len(levels) + 2) + "|"]
+    if n_all > k:
+        lines.append(row(f"noisy input (all {n_all} test images)",
+                         [f"{summary[lv.slug]['noisy']['psnr_all']:.2f} / {summary[lv.slug]['noisy']['ssim_all']:.4f}"
+                          for lv in levels] + [""]))
+    lines.append(row("noisy input", [f"{summary[lv.slug]['noisy']['psnr']:.2f} / {summary[lv.slug]['noisy']['ssim']:.4f}"
+                                     for lv in levels] + [""]))
     for f in summary[levels[0].slug]["filters"]:
         cells = []
         for lv in levels:

@@ -205,9 +205,8 @@ def run_table(args, data, out: Path, noise: str, seeds, device) -> str:
     k = min(args.baseline_count, data.test.shape[0])
     filters, noisy = {}, {}
     for level in levels:
-        n01, t01 = (from_normalized(t.double()) for t in test_sets[level.slug])
-        noisy[level.slug] = {"all": per_image_scores(n01, t01), "sample": n01[0].float(),
-                             "target": t01[0].float()}
+        n01, t01 = (from_normalized(t) for t in test_sets[level.slug])
+        noisy[level.slug] = {"all": per_image_scores(n01, t01), "sample": n01[0], "target": t01[0]}
         filters[level.slug] = run_filters(args, data, runs, level, configs[level.slug], n01, t01,
                                           k, device)
     probe = configs[levels[0].slug]
