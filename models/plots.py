@@ -49,21 +49,9 @@ def loss_curves(history: list[dict], path: Path, *, title: str = "") -> None:
 def sample_grid(clean: torch.Tensor, noisy: torch.Tensor, denoised: torch.Tensor, path: Path,
                 *, title: str = "") -> None:
     """Rows: clean, noisy, denoised; one column per image (normalized [-1, 1] inputs; fig. 7)."""
-    plt = _figure()
     rows = {"clean": clean, "noisy": noisy, "denoised": denoised}
-    k = clean.shape[0]
-    fig, axes = plt.subplots(3, k, figsize=(1.8 * k, 5.6), squeeze=False)
-    for r, (name, images) in enumerate(rows.items()):
-        for j in range(k):
-            img = (images[j, 0].detach().float().cpu() * 0.5 + 0.5).clamp(0, 1).numpy()
-            ax = axes[r][j]
-            ax.imshow(img, cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j == 0:
-                ax.set_ylabel(name)
-    fig.suptitle(title)
-    _save(fig, path)
+    method_grid([(name, [("", img * 0.5 + 0.5) for img in images]) for name, images in rows.items()],
+                path, title=title)
 
 
 def table2_curves(histories: dict[str, list[dict]], path: Path, *, title: str = "") -> None:
