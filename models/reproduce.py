@@ -118,7 +118,8 @@ def evaluate_run(model, noisy: torch.Tensor, target: torch.Tensor, args) -> dict
     """Per-image test scores of a trained network, its loss, and its inference time per image."""
     device = noisy.device
     kw = dict(amp=device.type == "cuda" and not args.no_amp, channels_last=device.type == "cuda")
-    predict(model, noisy[:1], **kw)                 # first-call costs are not timed
+    predict(model, noisy[:64], **kw)        # one batch of predict's 64 first: warm-up (cudnn
+                                            # benchmark, allocator) is not timed
     _sync(device)
     t0 = time.perf_counter()
     pred = predict(model, noisy, **kw)
