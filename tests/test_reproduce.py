@@ -112,6 +112,10 @@ def test_speckle_free_refused_without_maps(tmp_path, tiny_data, capsys, cache_di
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "speckle-free maps" in err and str(folder) in err
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(["--target", "speckle-free", "--data", str(folder), "--out", str(tmp_path / "k"),
+                        "--image-size", "16", "--device", "cpu", "--no-progress", "--cache-dir", cache_dir])
+    assert e.value.code == 2 and "speckle-free maps" in capsys.readouterr().err
     assert not (tmp_path / "k").exists()
 
 
