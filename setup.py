@@ -99,12 +99,16 @@ setup(
     ],
     extras_require={
         # hypothesis: property-based accuracy tests; onnx*: the export checks of models/fold.py
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "onnx", "onnxscript", "onnxruntime"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "onnx", "onnxscript", "onnxruntime",
+                 "pydicom>=3.0"],
+        # DICOM input of speckle-denoise (pydicom 3 converts YBR colour to RGB when reading)
+        "dicom": ["pydicom>=3.0"],
         # BM3D is free for non-commercial use only (its license): never a default dependency
         "bm3d": ["bm3d>=4.0.3"],
     },
     entry_points={"console_scripts": ["speckle-train = speckle_models.train:main",
-                                      "speckle-reproduce = speckle_models.reproduce:main"]},
+                                      "speckle-reproduce = speckle_models.reproduce:main",
+                                      "speckle-denoise = speckle_models.denoise:main"]},
     ext_modules=_EXT_MODULES,
     cmdclass=_CMDCLASS,
 )

@@ -15,9 +15,10 @@ import json
 from collections import OrderedDict
 from pathlib import Path
 
-GROUPS = ("batchrenorm-forward", "batchrenorm-forward-backward", "noise", "ssim", "train-step")
+GROUPS = ("batchrenorm-forward", "batchrenorm-forward-backward", "noise", "ssim", "train-step", "inference")
 REFERENCE = {"batchrenorm-forward": "reference", "batchrenorm-forward-backward": "reference",
-             "noise": "reference", "ssim": "skimage", "train-step": "br-unet-reference"}
+             "noise": "reference", "ssim": "skimage", "train-step": "br-unet-reference",
+             "inference": "eager"}
 IMPL_ORDER = ("reference", "skimage", "br-unet-reference", "reference-compiled", "ssim-fp64",
               "ssim-fp32", "ssim-fp32-compiled", "batchnorm2d", "d-unet-batchnorm2d", "triton",
               "br-unet-triton", "cuda", "br-unet-cuda", "cpu", "br-unet-cpu")
