@@ -17,3 +17,28 @@ def _fresh_seed(request):
     # A different but reproducible stream per test: fresh inputs, replayable failures.
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     yield
+
+
+@pytest.fixture
+def one_thread():
+    # Tiny tensors on a shared 2-core machine: two intra-op threads spin against each other and
+    # make such calls 10-50x slower than one thread.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One data cache for the session: the tiny phantom sets are made once."""
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(cache_dir):
+    """A 16x16 phantom set (24 train+val, 8 test images): enough for one quick epoch."""
+    from speckle_kernels.data import load_dataset
+
+    return load_dataset("phantom", image_size=16, count=24, test_count=8, cache_dir=cache_dir,
+                        progress=False)

@@ -12,18 +12,10 @@ from speckle_models import baselines, speckle_filters
 from speckle_models.baselines import (FILTERS, GRIDS, TORCH_FILTERS, apply_all, apply_filter,
                               available_filters, bm3d_denoise, missing_filters, run_baselines, tune)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 HAS_BM3D = importlib.util.find_spec("bm3d") is not None
 RESULT_KEYS = {"params", "denoised", "time_s", "seconds_per_image", "tune_time_s", "n_images", "device"}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: on a shared 2-core machine, two intra-op threads spin against each other
-    # and make these calls 10-50x slower than one thread.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def speckled(n: int, h: int = 20, w: int = 20):

@@ -32,19 +32,12 @@ from speckle_models.config import TrainConfig
 from speckle_models.fold import norm_modules
 from speckle_kernels.metrics import enl, speckle_snr
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TILED_ATOL = 1e-5
 TILED_ATOL64 = 1e-12
 # receptive radius, context needed next to an m-aligned window edge, default overlap
 CONTEXT = {"d-unet": (61, 47, 96), "br-unet": (61, 47, 96), "di-conv-ae": (22, 22, 44)}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small tensors on a shared 2-core machine: two intra-op threads spin against each other.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def random_model(name: str, seed: int = 0) -> torch.nn.Module:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from speckle_kernels.data import DeviceBatches, UltrasoundData, load_dataset
+from speckle_kernels.data import DeviceBatches, UltrasoundData
 from speckle_kernels.metrics import psnr, ssim
 from speckle_models import baselines, report, reproduce
 from speckle_models import loop as L
@@ -20,25 +20,7 @@ from speckle_models.evaluate import eval_pair, image_scores, noisy_eval_set, pre
 from speckle_models.pairs import PairBatches, normalize_u8
 from speckle_models.stats import bootstrap_mean_ci, excludes_zero, mean_std
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors on a shared 2-core machine: two intra-op threads spin against each other
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
-
-
-@pytest.fixture(scope="module")
-def tiny_data(cache_dir):
-    return load_dataset("phantom", image_size=16, count=24, test_count=8, cache_dir=cache_dir,
-                        progress=False)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(out, **kw):

@@ -21,20 +21,12 @@ import torch
 from speckle_models.speckle_filters import (EPS, HOMOGENEOUS_FLOOR, frost_filter, kuan_filter, lee_filter,
                                     speckle_cv2, srad)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ATOL = 1e-10
 SHAPES = [(3, 9, 11), (3, 12, 7)]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device on this machine"))]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: on a shared 2-core machine, two intra-op threads spin against each other
-    # and make these calls 10-50x slower than one thread.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def random_images(shape, *, zeros=False) -> torch.Tensor:

@@ -16,22 +16,10 @@ from speckle_models import reproduce
 from speckle_models import train as T
 from speckle_models.config import TrainConfig
 from speckle_kernels import atomic_write
-from speckle_kernels.data import load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "quick", "--image-size", "16", "--count", "24", "--test-count", "8",
         "--epochs", "1", "--batch-size", "4", "--width", "4", "--device", "cpu", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
-
-
-@pytest.fixture(scope="module")
-def tiny_data(cache_dir):
-    return load_dataset("phantom", image_size=16, count=24, test_count=8, cache_dir=cache_dir,
-                        progress=False)
 
 
 def tiny_config(out, **kw):
