@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from speckle_kernels.data import DeviceBatches
-from speckle_kernels.noise import make_noisy_batch
 
 
 def normalize_u8(images_u8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -34,17 +33,6 @@ class PairBatches(DeviceBatches):
                              f"{tuple(images_u8.shape)} differ in shape")
         self.targets = targets_u8.to(self.device).contiguous()
 
-    def batches(self, epoch: int = 0):
-        # the loop of DeviceBatches.batches, with the same order and noise offsets
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
-        order = self.order(epoch).to(self.device)
-        per_image = self.images[0].numel() if len(self.images) else 0
-        global_batch = self.batch_size * self.world_size
-        for b in range(len(self)):
-            start = b * global_batch + self.rank * self.batch_size
-            idx = order[start:start + self.batch_size]
-            offset = (epoch * len(self) * global_batch + start) * per_image
-            noisy, _ = make_noisy_batch(self.images.index_select(0, idx), seed=self.seed,
-                                        offset=offset, **self.noise)
-            yield noisy, normalize_u8(self.targets.index_select(0, idx), noisy.dtype)
+    def make_batch(self, idx: torch.Tensor, offset: int):
+        noisy, _ = super().make_batch(idx, offset)
+        return noisy, normalize_u8(self.targets.index_select(0, idx), noisy.dtype)

@@ -318,5 +318,10 @@ class DeviceBatches:
             start = b * global_batch + self.rank * self.batch_size
             idx = order[start:start + self.batch_size]
             offset = (epoch * len(self) * global_batch + start) * per_image
-            yield make_noisy_batch(self.images.index_select(0, idx), seed=self.seed,
-                                   offset=offset, **self.noise)
+            yield self.make_batch(idx, offset)
+
+    def make_batch(self, idx: torch.Tensor, offset: int):
+        """(noisy, clean) of images idx with the noise counters from `offset` (a subclass may
+        pair the noisy images with another target; the order and counters stay these)."""
+        return make_noisy_batch(self.images.index_select(0, idx), seed=self.seed, offset=offset,
+                                **self.noise)
