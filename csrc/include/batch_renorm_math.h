@@ -57,6 +57,10 @@ struct Moments {
 // Adds (count, mean, m2) of other values to acc (Chan, Golub & LeVeque's pairwise update).
 SPECKLE_HD void merge_moments(Moments& acc, double count, double mean, double m2) {
   if (count <= 0.0) return;
+  if (acc.count <= 0.0) {  // what the update gives, without its division
+    acc = {count, mean, m2};
+    return;
+  }
   const double total = acc.count + count, delta = mean - acc.mean, w = count / total;
   acc.mean += delta * w;
   acc.m2 += m2 + delta * delta * (acc.count * w);
