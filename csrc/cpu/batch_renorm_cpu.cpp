@@ -3,7 +3,7 @@
 // Two element passes each way, as on the GPU (see csrc/include/batch_renorm_math.h for the
 // per-channel math between them):
 //   forward   (mean, M2) of u = x - pivot -> finalize -> y = (u - offset)*scale + shift
-//   backward  sums of dy and dy*z, z = (u-offset)*invstd -> finalize
+//   backward  sums of dy and dy*(u-offset) -> finalize (divides by sigma once, in double)
 //             -> dx = (u-offset)*B + (dy-mean_dy)*A
 // Work is split into tasks of ~kTaskElements values (a chunk of one (n, c) plane for contiguous
 // input, a block of rows for channels-last), each writing its own partial in double; partials
@@ -87,7 +87,7 @@ struct Tasks {
 struct ChannelCoefs {
   const float* pivot;
   const float* offset;
-  const float* coef_x;   // invstd in the backward sums; scale / B in the affine passes
+  const float* coef_x;   // scale / B in the affine passes (unused by the sums)
   const float* coef_dy;  // A in the backward affine pass
   const float* coef_0;   // shift (forward, added) / mean_dy (backward, subtracted from dy)
 };
@@ -187,11 +187,10 @@ inline Partial chunk_moments(const T* xp, int64_t len, float pivot) {
   return {acc.mean, acc.m2};
 }
 
-// Backward: S(dy), S(dy*z) over len values of channel c, z = ((x - pivot) - offset) * invstd.
+// Backward: S(dy), S(dy*u) over len values of channel c, u = (x - pivot) - offset.
 template <typename T>
-inline Partial chunk_grad_sums(const T* xp, const T* dp, int64_t len, float pivot, float offset,
-                               float invstd) {
-  const fVec p(pivot), o(offset), s(invstd);
+inline Partial chunk_grad_sums(const T* xp, const T* dp, int64_t len, float pivot, float offset) {
+  const fVec p(pivot), o(offset);
   double sum_dy = 0.0, sum_dyz = 0.0;
   for (int64_t b0 = 0; b0 < len; b0 += kSumBlock) {
     const int64_t b_end = std::min(len, b0 + kSumBlock);
@@ -203,8 +202,8 @@ inline Partial chunk_grad_sums(const T* xp, const T* dp, int64_t len, float pivo
       load2(dp + i, d0, d1, n);  // zero past n, so the tail adds nothing
       a0 += d0;
       a1 += d1;
-      b0v = at::vec::fmadd(d0, ((x0 - p) - o) * s, b0v);
-      b1v = at::vec::fmadd(d1, ((x1 - p) - o) * s, b1v);
+      b0v = at::vec::fmadd(d0, (x0 - p) - o, b0v);
+      b1v = at::vec::fmadd(d1, (x1 - p) - o, b1v);
     }
     sum_dy += hsum(a0 + a1);
     sum_dyz += hsum(b0v + b1v);
@@ -216,7 +215,7 @@ inline Partial chunk_grad_sums(const T* xp, const T* dp, int64_t len, float pivo
 template <typename T>
 inline Partial chunk_partial(const T* xp, const T* dp, int64_t len, int64_t c, const ChannelCoefs& k) {
   if (dp == nullptr) return chunk_moments(xp, len, k.pivot[c]);
-  return chunk_grad_sums(xp, dp, len, k.pivot[c], k.offset[c], k.coef_x[c]);
+  return chunk_grad_sums(xp, dp, len, k.pivot[c], k.offset[c]);
 }
 
 // Over one chunk of a contiguous plane of channel c:
@@ -289,16 +288,15 @@ void channels_last_task(const T* x, const T* dy, int64_t C, int64_t r0, int64_t 
       for (int64_t r = b0; r < b_end; ++r) {
         for (int64_t c = 0; c < C; c += kW) {
           const int64_t n = std::min(kW, C - c), off = r * C + c;
-          fVec x0, x1, d0, d1, p0, p1, o0, o1, s0, s1, a0, a1, q0, q1;
+          fVec x0, x1, d0, d1, p0, p1, o0, o1, a0, a1, q0, q1;
           load2(x + off, x0, x1, n);
           load2(dy + off, d0, d1, n);
           load2(k.pivot + c, p0, p1, n);
           load2(k.offset + c, o0, o1, n);
-          load2(k.coef_x + c, s0, s1, n);
           load2(sa + c, a0, a1, n);
           load2(sb + c, q0, q1, n);
-          q0 = at::vec::fmadd(d0, ((x0 - p0) - o0) * s0, q0);
-          q1 = at::vec::fmadd(d1, ((x1 - p1) - o1) * s1, q1);
+          q0 = at::vec::fmadd(d0, (x0 - p0) - o0, q0);
+          q1 = at::vec::fmadd(d1, (x1 - p1) - o1, q1);
           store2(sa + c, a0 + d0, a1 + d1, n);  // lanes past n are never stored
           store2(sb + c, q0, q1, n);
         }
@@ -627,7 +625,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_renorm_backward(
       finalize_backward_channel(sum_dy, sum_dyz, count, st + c,
                                 w.defined() ? w.const_data_ptr<float>()[c] : 1.0f, training, g + c, C);
     };
-    const ChannelCoefs sum_coefs{st + kPivot * C, st + kMeanOffset * C, st + kInvstd * C, nullptr, nullptr};
+    const ChannelCoefs sum_coefs{st + kPivot * C, st + kMeanOffset * C, nullptr, nullptr, nullptr};
     const ChannelCoefs affine_coefs{st + kPivot * C, st + kMeanOffset * C, g + kGradB * C,
                                     g + kGradA * C, g + kGradMeanDy * C};
     scalar_t* out = dx.mutable_data_ptr<scalar_t>();

@@ -39,27 +39,24 @@ constexpr int kFinalizeThreads = 128;
 constexpr int kMaxPartials = 4096;
 
 // The per-channel values a sums pass centres with: forward pivot = the channel's first element;
-// backward (pivot, offset, invstd) from the saved stats.
+// backward (pivot, offset) from the saved stats.
 template <typename T, bool BWD>
 __device__ __forceinline__ void centre_of(const T* x, const float* stats, int64_t c, int64_t C,
-                                          int64_t channel_stride, float& pivot, float& offset,
-                                          float& invstd) {
+                                          int64_t channel_stride, float& pivot, float& offset) {
   if (BWD) {
     pivot = stats[kPivot * C + c];
     offset = stats[kMeanOffset * C + c];
-    invstd = stats[kInvstd * C + c];
   } else {
     pivot = to_float(x[c * channel_stride]);
     offset = 0.0f;
-    invstd = 1.0f;
   }
 }
 
-// Backward: a += dy, b += dy*z.
+// Backward: a += dy, b += dy*u with u = (x - pivot) - offset (the finalize divides by sigma).
 __device__ __forceinline__ void accumulate_grad(float xv, float dyv, float pivot, float offset,
-                                                float invstd, float& a, float& b) {
+                                                float& a, float& b) {
   a += dyv;
-  b += dyv * (((xv - pivot) - offset) * invstd);
+  b += dyv * ((xv - pivot) - offset);
 }
 
 // A thread's running (count, mean, M2) in fp32.
@@ -129,9 +126,9 @@ __global__ void sums_contiguous_kernel(const T* __restrict__ x, const T* __restr
                                        int64_t N, int64_t C, int64_t L, int64_t tiles_per_row) {
   const int64_t c = blockIdx.y;
   const int p = blockIdx.x, P = gridDim.x;
-  float pivot, offset, invstd, a = 0.0f, b = 0.0f;
+  float pivot, offset, a = 0.0f, b = 0.0f;
   ThreadMoments tm;
-  centre_of<T, BWD>(x, stats, c, C, L, pivot, offset, invstd);
+  centre_of<T, BWD>(x, stats, c, C, L, pivot, offset);
   for (int64_t t = p; t < N * tiles_per_row; t += P) {
     const int64_t n = t / tiles_per_row, l0 = (t - n * tiles_per_row) * kTile;
     const int64_t base = (n * C + c) * L;
@@ -146,7 +143,7 @@ __global__ void sums_contiguous_kernel(const T* __restrict__ x, const T* __restr
     }
     if constexpr (BWD) {
 #pragma unroll
-      for (int j = 0; j < kPerThread; ++j) accumulate_grad(xv[j], dyv[j], pivot, offset, invstd, a, b);
+      for (int j = 0; j < kPerThread; ++j) accumulate_grad(xv[j], dyv[j], pivot, offset, a, b);
     } else {
       float u[kPerThread];
 #pragma unroll
@@ -183,8 +180,8 @@ __global__ void sums_channels_last_kernel(const T* __restrict__ x, const T* __re
   float a = 0.0f, b = 0.0f;
   ThreadMoments tm;
   if (c < C) {
-    float pivot, offset, invstd;
-    centre_of<T, BWD>(x, stats, c, C, 1, pivot, offset, invstd);
+    float pivot, offset;
+    centre_of<T, BWD>(x, stats, c, C, 1, pivot, offset);
     const int64_t step = static_cast<int64_t>(P) * kClRows;
     int64_t r = static_cast<int64_t>(p) * kClRows + threadIdx.y;
     for (; r + (kRowsInFlight - 1) * step < R; r += kRowsInFlight * step) {
@@ -196,7 +193,7 @@ __global__ void sums_channels_last_kernel(const T* __restrict__ x, const T* __re
       }
       if constexpr (BWD) {
 #pragma unroll
-        for (int j = 0; j < kRowsInFlight; ++j) accumulate_grad(xv[j], dyv[j], pivot, offset, invstd, a, b);
+        for (int j = 0; j < kRowsInFlight; ++j) accumulate_grad(xv[j], dyv[j], pivot, offset, a, b);
       } else {
         float u[kRowsInFlight];
         bool keep[kRowsInFlight];
@@ -211,7 +208,7 @@ __global__ void sums_channels_last_kernel(const T* __restrict__ x, const T* __re
     for (; r < R; r += step) {
       const int64_t i = r * C + c;
       if constexpr (BWD) {
-        accumulate_grad(to_float(x[i]), to_float(dy[i]), pivot, offset, invstd, a, b);
+        accumulate_grad(to_float(x[i]), to_float(dy[i]), pivot, offset, a, b);
       } else {
         const float u[1] = {to_float(x[i]) - pivot};
         const bool keep[1] = {true};

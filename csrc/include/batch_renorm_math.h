@@ -14,8 +14,11 @@
 //             y = ((x - pivot) - offset) * scale + shift,  offset = mean_u, scale = w*r/sigma,
 //             shift = w*d + b;   rm += m*(mean-rm), rs += m*(sigma-rs)
 //   eval      pivot = rm, offset = 0, scale = w/rs, shift = b
-//   backward  z = ((x - pivot) - offset) * invstd
-//             dx = A*(dy - mean_dy) + B*((x - pivot) - offset) with A = w*r*invstd,
+//   backward  u = (x - pivot) - offset, z = u / sigma (eval: sigma = rs)
+//             the element pass sums S(dy) and S(dy*u); S(dy*z) = S(dy*u)/sigma once, in double
+//             (a rounded 1/sigma in every term would bias them all alike: visible in eval,
+//             where S(dy*z) does not cancel)
+//             dx = A*(dy - mean_dy) + B*((x - pivot) - offset) with A = w*r/sigma,
 //             mean_dy = S(dy)/n, B = -A*S(dy*z)/(n*s) (s = sigma - eps; 0 where the variance
 //             is 0); eval: mean_dy = B = 0.  dweight = r*S(dy*z) + d*S(dy),  dbias = S(dy)
 //
@@ -34,7 +37,7 @@
 namespace speckle {
 
 // Rows of the (kStatRows, C) fp32 tensor the forward saves for the backward.
-enum StatRow { kPivot = 0, kMeanOffset, kInvstd, kR, kD, kInvS, kScale, kShift, kStatRows };
+enum StatRow { kPivot = 0, kMeanOffset, kSigma, kR, kD, kInvS, kScale, kShift, kStatRows };
 // Rows of the (kGradRows, C) fp32 per-channel backward results.
 enum GradRow { kGradWeight = 0, kGradBias, kGradA, kGradB, kGradMeanDy, kGradRows };
 
@@ -105,7 +108,7 @@ SPECKLE_HD void finalize_forward_channel(const ForwardChannelIn& in, bool traini
   }
   stats[kPivot * stride] = pivot;
   stats[kMeanOffset * stride] = offset;
-  stats[kInvstd * stride] = static_cast<float>(1.0 / sigma);
+  stats[kSigma * stride] = static_cast<float>(sigma);
   stats[kR * stride] = static_cast<float>(r);
   stats[kD * stride] = static_cast<float>(d);
   stats[kInvS * stride] = inv_s;
@@ -113,13 +116,15 @@ SPECKLE_HD void finalize_forward_channel(const ForwardChannelIn& in, bool traini
   stats[kShift * stride] = static_cast<float>(w * d + in.bias);
 }
 
-// From one channel's S(dy), S(dy*z) and its saved stats (read with `stride`), writes the
+// From one channel's S(dy), S(dy*u) and its saved stats (read with `stride`), writes the
 // kGradRows values to grads[row * stride].
-SPECKLE_HD void finalize_backward_channel(double sum_dy, double sum_dyz, double count,
+SPECKLE_HD void finalize_backward_channel(double sum_dy, double sum_dyu, double count,
                                           const float* stats, float weight, bool training,
                                           float* grads, long long stride) {
   const double r = stats[kR * stride], d = stats[kD * stride];
-  const double coef_a = static_cast<double>(weight) * r * stats[kInvstd * stride];
+  const double sigma = stats[kSigma * stride];
+  const double sum_dyz = sum_dyu / sigma;
+  const double coef_a = static_cast<double>(weight) * r / sigma;
   grads[kGradWeight * stride] = static_cast<float>(r * sum_dyz + d * sum_dy);
   grads[kGradBias * stride] = static_cast<float>(sum_dy);
   grads[kGradA * stride] = static_cast<float>(coef_a);
