@@ -2,10 +2,11 @@
 
     python -m benchmarks.gpu_check --out benchmarks/results/<gpu>-<date>
 
-1. Checks, for each kernel backend (Triton, the CUDA extension): outputs, dx/dweight/dbias and
-   the running buffers over three training steps, then eval mode, in fp32/fp16/bf16, contiguous
-   and channels_last, on the tests' odd shapes and on Br-U-Net's shapes; and the noise kernels
-   against their documented Philox stream. A backend that is missing counts as a failure here:
+1. Checks, for each kernel backend (Triton, the CUDA extension), by the tests' kit
+   (tests/cases/batch_renorm.py): y, dx, dweight, dbias and the running buffers over training
+   steps then eval, against the same function in float64 (at most 2x the fp32 reference's error
+   + 1 ulp), on the tests' cases and on Br-U-Net's shapes in fp32/fp16/bf16, contiguous and
+   channels_last; and the noise kernels against their documented Philox stream. A backend that is missing counts as a failure here:
    on a GPU machine both should be built.
 2. Timings at (32, 64, 128, 128): forward and forward+backward of every implementation
    (reference, torch.compile(reference), nn.BatchNorm2d, Triton, CUDA) in fp32 and bf16,
@@ -28,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from tests.cases import batch_renorm as renorm_kit
+
 from .common import (DTYPE_NAMES, Unavailable, copy_bandwidth, device_name, rotation_count,
                      tensor_bytes, time_calls)
 from .batch_renorm_cases import (HEADLINE_CHANNELS, RENORM_IMPLS, RenormState, check_renorm,
@@ -35,20 +38,20 @@ from .batch_renorm_cases import (HEADLINE_CHANNELS, RENORM_IMPLS, RenormState, c
                                  unet_norm_shapes)
 from .noise_cases import check_noise, noise_impl
 
-ODD_SHAPES = [(4, 3, 5, 7), (5, 1, 7, 3), (1, 6, 1, 1), (7, 2, 13, 1), (2, 5), (3, 4, 9),
-              (2, 3, 4, 5, 3), (3, 70, 2, 3)]
 HEADLINE = (32, HEADLINE_CHANNELS, 128, 128)
 BACKENDS = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}  # checked on each device type
 
 
-def _layouts(shape):
-    return (False, True) if len(shape) in (4, 5) else (False,)
-
-
-def _to_layout(x, channels_last):
-    if not channels_last:
-        return x
-    return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+def kit_cases(quick: bool) -> list:
+    """The tests' BatchRenorm cases, then Br-U-Net's norm shapes and the headline in
+    fp32/fp16/bf16, contiguous and channels_last: every case judged against float64."""
+    cases = list(renorm_kit.CASES)
+    shapes = unet_norm_shapes(32, 128)[:1 if quick else None] + [HEADLINE]
+    for shape in shapes:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for channels_last in (False, True):
+                cases.append(renorm_kit.Case(shape, dtype=dtype, channels_last=channels_last, t=20000))
+    return cases
 
 
 def run_checks(device, quick: bool) -> list[dict]:
@@ -68,27 +71,17 @@ def run_checks(device, quick: bool) -> list[dict]:
                         "seconds": round(time.perf_counter() - t0, 3)})
         print(f"[{status:>7}] {what}" + (f": {detail[:300]}" if detail else ""), flush=True)
 
-    shapes = ODD_SHAPES + unet_norm_shapes(32, 128)[:1 if quick else None] + [HEADLINE]
     for backend in BACKENDS[device.type]:
-        for shape in shapes:
-            for dtype in (torch.float32, torch.float16, torch.bfloat16):
-                for channels_last in _layouts(shape):
-                    label = (f"batch_renorm[{backend}] {'x'.join(map(str, shape))} {DTYPE_NAMES[dtype]} "
-                             f"{'channels_last' if channels_last else 'contiguous'}")
+        for case in kit_cases(quick):
+            def judged(case=case):
+                if backend == "triton" and device.type != "cuda":
+                    raise Unavailable("Triton is checked on a GPU here (the tests run its interpreter)")
+                renorm_impl(backend, device, case.dtype)  # Unavailable when not built
+                verdict = renorm_kit.judge(backend, renorm_kit.draw(case, seed=len(case.id), device=device))
+                if verdict.failures:
+                    raise AssertionError(verdict.report() + "\n" + "\n".join(verdict.failures))
 
-                    def three_steps_then_eval(shape=shape, dtype=dtype, channels_last=channels_last):
-                        fn = renorm_impl(backend, device, dtype)
-                        states = None
-                        for step in range(3):  # the buffers carry over: checked after every step
-                            x = _to_layout(renorm_input(shape, dtype, False, device, seed=step), channels_last)
-                            states = check_renorm(backend, fn, x, backward=True, device=device,
-                                                  states=states)
-                        fn_eval = renorm_impl(backend, device, dtype, training=False)
-                        x = _to_layout(renorm_input(shape, dtype, False, device, seed=9), channels_last)
-                        check_renorm(backend, fn_eval, x, backward=True, device=device,
-                                     training=False, states=states)
-
-                    record(label, three_steps_then_eval)
+            record(f"batch_renorm[{backend}] {case.id}", judged)
         for op, out_dtype in (("batch", torch.float32), ("batch", torch.bfloat16), ("add", torch.float32)):
             for shape in ((32, 1, 128, 128), (3, 1, 7, 13)):
                 label = f"noise[{backend}] {op} {'x'.join(map(str, shape))} -> {DTYPE_NAMES[out_dtype]}"

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from tests.cases import noise as noise_kit
+
 from .common import BATCH, IMAGE, KERNEL_BACKENDS, Unavailable, assert_close, compile_fresh, tensor_bytes
 
 NOISE_IMPLS = ("reference", "reference-compiled", "triton", "cuda", "cpu")
@@ -67,21 +69,9 @@ def noise_impl(name: str, op: str, device: torch.device):
     return kernel
 
 
-def _counter_noise(v: torch.Tensor, seed: int) -> torch.Tensor:
-    """The fused kernels' noisy values for intensities v, from the documented counter layout
-    (speckle_kernels.reference.noise_fields / image_uniforms: plain torch integer arithmetic)."""
-    from speckle_kernels import reference as R
-
-    n1, n2 = R.noise_fields(v.numel(), seed=seed, offset=0, distribution=NOISE_KW["distribution"],
-                            device=v.device)
-    fs = NOISE_KW["factor"] * NOISE_KW["sigma_mult"]
-    y = v.float().reshape(-1) * (1 + fs * n1) + NOISE_KW["sigma_add"] * n2
-    return y.clamp(0, 1).view(v.shape)
-
-
 def check_noise(name: str, fn, op: str, x: torch.Tensor, out_dtype=torch.float32) -> None:
-    """Kernels: the exact values of the documented Philox stream (tolerances of
-    tests/test_noise.py). torch.compile draws other random numbers than eager torch, so the
+    """Kernels: the values of the documented Philox stream, to the tolerance the tests derive
+    (tests/cases/noise.py). torch.compile draws other random numbers than eager torch, so the
     compiled reference is held to the exact clean output and to the eager reference's
     distribution: mean and spread of the noisy values within 5 standard errors."""
     if name == "reference":
@@ -101,12 +91,13 @@ def check_noise(name: str, fn, op: str, x: torch.Tensor, out_dtype=torch.float32
                name=f"{name} clean")
     else:
         noisy, v = fn(x), x
-    if name in KERNEL_BACKENDS:
-        expected = _counter_noise(v, seed=3)
+    if name in KERNEL_BACKENDS:  # the stream and its tolerance from the tests' kit
+        kw = {**NOISE_KW, "seed": 3, "offset": 0}
+        expected = noise_kit.expected_noise(v, **kw)
+        tol = noise_kit.stream_tolerance(v, out_dtype=noisy.dtype, **kw)
         if op == "batch":
-            expected = (expected - 0.5) / 0.5
-        low = noisy.dtype != torch.float32
-        assert_close(noisy, expected, atol=1e-5 if low else 4e-6, rtol=2**-7 if low else 0.0, name=f"{name} noisy")
+            expected, tol = (expected - 0.5) / 0.5, 2 * tol
+        assert_close(noisy, expected, atol=tol, rtol=0.0, name=f"{name} noisy")
         return
     # The noise alone (noisy minus clean) must have the eager reference's mean and spread. Both
     # are means of n independent values: 5 standard errors of a difference of two such means,

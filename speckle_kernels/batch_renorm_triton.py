@@ -12,16 +12,21 @@ The function (reference.py holds the plain-torch oracle), per channel c over eve
               y = (x-mu)*scale + shift,  scale = w*r/sigma,  shift = b + w*d
               rm += m*(mu-rm), rs += m*(sigma-rs), t += 1           (all on the device)
     backward  with z = (x-mu)/sigma, s = sigma-eps, n = elements per channel:
-              dx = A*dy + B*(x-mu) + C0,  A = w*r/sigma,  B = -w*r*sum(dy*z)/(n*s*sigma),
-              C0 = -A*sum(dy)/n;   dweight = r*sum(dy*z) + d*sum(dy),  dbias = sum(dy)
+              dx = A*(dy - mean(dy)) + B*(x-mu),  A = w*r/sigma,  B = -w*r*sum(dy*z)/(n*s*sigma),
+              dweight = r*sum(dy*z) + d*sum(dy),  dbias = sum(dy)
+              (dy - mean(dy)) is formed first: with one value per channel dx is then exactly 0)
 
 Memory traffic is the whole cost, so the work is three passes in forward (read x for the
 statistics, read x + write y) and three in backward (read x, dy for the sums, read both again
 + write dx), plus tiny per-channel kernels. The per-channel reduction is split over many
-programs (partial sums in a (2, P, C) fp32 buffer, merged by a second kernel): one program per
+programs (partials in a (3, P, C) fp64 buffer, merged by a second kernel): one program per
 channel starves the GPU at U-Net's high-resolution layers (C=64, 524288 values per channel).
-Statistics use sums shifted by a pivot (the channel's first element), which keeps
-E[u^2]-E[u]^2 exact to a few ulps even for 1e4 + 1e-2*randn data, at the cost of one load.
+Statistics: u = x - pivot (the channel's first element), so that x - pivot is exact for data
+like 1e4 + 1e-2*randn; each tile's (count, mean, M2) of u is two-pass in registers, and tiles
+and programs merge by Chan's formula in fp64. Sums of squares about a far-off pivot would lose
+a factor 1 + (mean - pivot)^2/var of precision; this keeps two-pass accuracy with one read of
+x. The backward's sums are fp32 trees per tile added in fp64. Errors are judged against the same
+function in float64 (tests/cases/batch_renorm.py): at most 2x the fp32 reference's + 1 ulp.
 
 Layouts: x is viewed as (outer, inner, C) with strides (s_o, s_i, s_c) and no copy:
 contiguous NC* is (N, L, C) with s_i = 1; channels_last is (1, N*L, C) with s_c = 1. Tiles keep
@@ -45,8 +50,8 @@ if HAS_TRITON:
 # Rows of the per-channel fp32 tensors passed between kernels.
 # The batch mean is kept as pivot + offset: x - pivot is exact for x near the pivot, so the
 # centred values keep their precision even where fp32 cannot hold the mean itself finely.
-STAT_PIVOT, STAT_MEAN_OFFSET, STAT_INVSTD, STAT_R, STAT_D, STAT_INV_S, STAT_SCALE, STAT_SHIFT = range(8)
-GRAD_WEIGHT, GRAD_BIAS, GRAD_A, GRAD_B, GRAD_C0 = range(5)
+STAT_PIVOT, STAT_MEAN_OFFSET, STAT_SIGMA, STAT_R, STAT_D, STAT_INV_S, STAT_SCALE, STAT_SHIFT = range(8)
+GRAD_WEIGHT, GRAD_BIAS, GRAD_A, GRAD_B, GRAD_MEAN_DY = range(5)
 N_STATS, N_GRADS = 8, 5
 TILE_ELEMENTS = 2048  # per tile: 16 fp32 values a thread at 4 warps; enough bytes in flight
 SUMS_NUM_WARPS = 4
@@ -62,7 +67,7 @@ if HAS_TRITON:
     # Kernels may only read globals that are tl.constexpr; the host indexes with the ints above.
     _STAT_PIVOT = tl.constexpr(STAT_PIVOT)
     _STAT_MEAN_OFFSET = tl.constexpr(STAT_MEAN_OFFSET)
-    _STAT_INVSTD = tl.constexpr(STAT_INVSTD)
+    _STAT_SIGMA = tl.constexpr(STAT_SIGMA)
     _STAT_R = tl.constexpr(STAT_R)
     _STAT_D = tl.constexpr(STAT_D)
     _STAT_INV_S = tl.constexpr(STAT_INV_S)
@@ -72,7 +77,7 @@ if HAS_TRITON:
     _GRAD_BIAS = tl.constexpr(GRAD_BIAS)
     _GRAD_A = tl.constexpr(GRAD_A)
     _GRAD_B = tl.constexpr(GRAD_B)
-    _GRAD_C0 = tl.constexpr(GRAD_C0)
+    _GRAD_MEAN_DY = tl.constexpr(GRAD_MEAN_DY)
 
     @triton.jit
     def _per_channel(v, CHANNELS_LAST: tl.constexpr):
@@ -101,57 +106,72 @@ if HAS_TRITON:
         return o * s_o + idx * s_i + ch * s_c, (ch < C) & (idx < INNER)
 
     @triton.jit
+    def _tile_sum(v, CHANNELS_LAST: tl.constexpr):
+        # Per-channel fp64 sum of a tile's values. fp64 because the order of a tl.sum is not
+        # ours: a tree on a GPU, but a sequential loop under the interpreter, whose fp32 error
+        # on a few hundred values already passes the reference's.
+        v = v.to(tl.float64)
+        if CHANNELS_LAST:
+            out = tl.sum(v, axis=0)
+        else:
+            out = tl.sum(v, axis=1)
+        return out
+
+    @triton.jit
     def _channel_sums_kernel(
-        x_ptr, dy_ptr, stats_ptr, partial_ptr,  # x, dy: (outer, inner, C) strided; partial: (2, P, C)
+        x_ptr, dy_ptr, stats_ptr, partial_ptr,  # x, dy: (outer, inner, C) strided; partial: (3, P, C) fp64
         C, INNER, n_inner_blocks, n_tiles, tiles_per_program,
         s_o, s_i, s_c,
         BACKWARD: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
     ):
-        # Forward: sums of u and u^2 with u = x - pivot.  Backward: sums of dy and dy*z,
-        # z = ((x - pivot) - offset) * invstd.  One partial per program; merged by a finalize kernel.
+        # Forward: per channel (count, mean, M2) of u = x - pivot. Each tile's are two-pass, in
+        # registers (its mean, then the squares about it), and tiles merge by Chan's formula in
+        # fp64: one read of x, two-pass accuracy wherever the pivot sits in the data.
+        # Backward: per channel sums of dy and dy*u, u = (x - pivot) - offset (the finalize divides
+        # by sigma once, in fp64: a rounded 1/sigma in every term would bias them all alike), each
+        # tile's (a tree in fp32) added in fp64.  One partial per program; merged by a finalize.
         p = tl.program_id(0)
         c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = c1 < C
         if BACKWARD:
             shift = tl.load(stats_ptr + _STAT_PIVOT * C + c1, mask=cmask, other=0.0)
             offset = tl.load(stats_ptr + _STAT_MEAN_OFFSET * C + c1, mask=cmask, other=0.0)
-            scale = tl.load(stats_ptr + _STAT_INVSTD * C + c1, mask=cmask, other=0.0)
         else:
             shift = tl.load(x_ptr + c1 * s_c, mask=cmask, other=0.0).to(tl.float32)
             offset = tl.zeros([BLOCK_C], tl.float32)
-            scale = tl.full([BLOCK_C], 1.0, tl.float32)
         shift2 = _per_channel(shift, CHANNELS_LAST)
         offset2 = _per_channel(offset, CHANNELS_LAST)
-        scale2 = _per_channel(scale, CHANNELS_LAST)
-        if CHANNELS_LAST:
-            acc_a = tl.zeros([BLOCK_I, BLOCK_C], tl.float32)
-        else:
-            acc_a = tl.zeros([BLOCK_C, BLOCK_I], tl.float32)
-        acc_b = acc_a
+        acc_n = tl.zeros([BLOCK_C], tl.float64)   # forward: count; backward: sum of dy
+        acc_a = tl.zeros([BLOCK_C], tl.float64)   # forward: mean;  backward: sum of dy*z
+        acc_b = tl.zeros([BLOCK_C], tl.float64)   # forward: M2
         t_start = p * tiles_per_program
         t_end = tl.minimum(t_start + tiles_per_program, n_tiles)
         for t in range(t_start, t_end):
             offs, m = _tile(t, c1, C, INNER, n_inner_blocks, s_o, s_i, s_c,
                             CHANNELS_LAST, INDEX_64, BLOCK_I)
             x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            u = tl.where(m, ((x - shift2) - offset2) * scale2, 0.0)
+            u = tl.where(m, (x - shift2) - offset2, 0.0)
             if BACKWARD:
                 dy = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
-                acc_a += dy
-                acc_b += dy * u
+                acc_n += _tile_sum(dy, CHANNELS_LAST)
+                acc_a += _tile_sum(dy * u, CHANNELS_LAST)
             else:
-                acc_a += u
-                acc_b += u * u
-        if CHANNELS_LAST:
-            sum_a = tl.sum(acc_a, axis=0)
-            sum_b = tl.sum(acc_b, axis=0)
-        else:
-            sum_a = tl.sum(acc_a, axis=1)
-            sum_b = tl.sum(acc_b, axis=1)
+                n_b = _tile_sum(m.to(tl.float32), CHANNELS_LAST)
+                tile_mean = _tile_sum(u, CHANNELS_LAST) / tl.maximum(n_b, 1.0)
+                dev = tl.where(m, u - _per_channel(tile_mean.to(tl.float32), CHANNELS_LAST), 0.0)
+                tile_m2 = _tile_sum(dev * dev, CHANNELS_LAST)
+                n_ab = acc_n + n_b
+                w_b = n_b / tl.maximum(n_ab, 1.0)
+                delta = tile_mean - acc_a
+                acc_a += delta * w_b
+                acc_b += tile_m2 + delta * delta * acc_n * w_b
+                acc_n = n_ab
         n_programs = tl.num_programs(0)
-        tl.store(partial_ptr + p * C + c1, sum_a, mask=cmask)
-        tl.store(partial_ptr + (n_programs + p) * C + c1, sum_b, mask=cmask)
+        tl.store(partial_ptr + p * C + c1, acc_n, mask=cmask)
+        tl.store(partial_ptr + (n_programs + p) * C + c1, acc_a, mask=cmask)
+        if not BACKWARD:
+            tl.store(partial_ptr + (2 * n_programs + p) * C + c1, acc_b, mask=cmask)
 
     @triton.jit
     def _per_channel_affine_kernel(
@@ -162,9 +182,11 @@ if HAS_TRITON:
         HAS_DY: tl.constexpr, CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
     ):
-        # out = (x - pivot[c] - offset[c])*coef_x[c] + dy*coef_dy[c] + coef_0[c]: y in forward, dx in
-        # backward.  Centring comes first: folding it into one FMA (x*a + b) loses all
-        # precision when the mean dwarfs the spread.  One tile a program.
+        # forward:  y  = (x - pivot[c] - offset[c])*coef_x[c] + coef_0[c]
+        # backward: dx = (x - pivot[c] - offset[c])*coef_x[c] + (dy - coef_0[c])*coef_dy[c]
+        # Centring comes first: folding it into one FMA (x*a + b) loses all precision when the
+        # mean dwarfs the spread. In backward coef_0 is mean(dy): with one value per channel both
+        # terms are exactly 0, as the true gradient is.  One tile a program.
         t = tl.program_id(0)
         c1 = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = c1 < C
@@ -179,22 +201,46 @@ if HAS_TRITON:
         cx2 = _per_channel(cx, CHANNELS_LAST)
         c02 = _per_channel(c0, CHANNELS_LAST)
         cdy2 = _per_channel(cdy, CHANNELS_LAST)
-        out = ((tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) - pivot2) - offset2) * cx2 + c02
+        out = ((tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) - pivot2) - offset2) * cx2
         if HAS_DY:
-            out += tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32) * cdy2
+            out += (tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32) - c02) * cdy2
+        else:
+            out += c02
         tl.store(out_ptr + offs, out, mask=m)
 
     @triton.jit
-    def _merge_partials(partial_ptr, P, C, c1, cmask, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-        # Deterministic merge of the (2, P, C) partial sums for channels c1.
-        sum_a = tl.zeros([BLOCK_C], tl.float32)
-        sum_b = tl.zeros([BLOCK_C], tl.float32)
+    def _merge_sums(partial_ptr, row, P, C, c1, cmask, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+        # Deterministic fp64 sum of partial row `row` ((rows, P, C) layout) for channels c1.
+        total = tl.zeros([BLOCK_C], tl.float64)
         for p0 in range(0, P, BLOCK_P):
             pp = p0 + tl.arange(0, BLOCK_P)[:, None]
             m = (pp < P) & cmask[None, :]
-            sum_a += tl.sum(tl.load(partial_ptr + pp * C + c1[None, :], mask=m, other=0.0), axis=0)
-            sum_b += tl.sum(tl.load(partial_ptr + (P + pp) * C + c1[None, :], mask=m, other=0.0), axis=0)
-        return sum_a, sum_b
+            total += tl.sum(tl.load(partial_ptr + (row * P + pp) * C + c1[None, :], mask=m, other=0.0), axis=0)
+        return total
+
+    @triton.jit
+    def _merge_moments(partial_ptr, P, C, c1, cmask, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+        # Chan's merge of the (count, mean, M2) partials, in fp64: the mean first, then
+        # M2 = sum(M2_p + n_p (mean_p - mean)^2), which cancels nothing.
+        n = _merge_sums(partial_ptr, 0, P, C, c1, cmask, BLOCK_C, BLOCK_P)
+        mean = tl.zeros([BLOCK_C], tl.float64)
+        for p0 in range(0, P, BLOCK_P):
+            pp = p0 + tl.arange(0, BLOCK_P)[:, None]
+            m = (pp < P) & cmask[None, :]
+            n_p = tl.load(partial_ptr + pp * C + c1[None, :], mask=m, other=0.0)
+            mean_p = tl.load(partial_ptr + (P + pp) * C + c1[None, :], mask=m, other=0.0)
+            mean += tl.sum(n_p * mean_p, axis=0)
+        mean = mean / tl.maximum(n, 1.0)
+        m2 = tl.zeros([BLOCK_C], tl.float64)
+        for p0 in range(0, P, BLOCK_P):
+            pp = p0 + tl.arange(0, BLOCK_P)[:, None]
+            m = (pp < P) & cmask[None, :]
+            n_p = tl.load(partial_ptr + pp * C + c1[None, :], mask=m, other=0.0)
+            mean_p = tl.load(partial_ptr + (P + pp) * C + c1[None, :], mask=m, other=0.0)
+            m2_p = tl.load(partial_ptr + (2 * P + pp) * C + c1[None, :], mask=m, other=0.0)
+            delta = mean_p - mean[None, :]
+            m2 += tl.sum(m2_p + n_p * delta * delta, axis=0)
+        return n, mean, m2
 
     @triton.jit
     def _batch_renorm_forward_finalize_kernel(
@@ -211,18 +257,17 @@ if HAS_TRITON:
         rm = tl.load(running_mean_ptr + c1, mask=cmask, other=0.0).to(tl.float32)
         rs = tl.load(running_std_ptr + c1, mask=cmask, other=1.0).to(tl.float32)
         if TRAINING:
-            sum_u, sum_u2 = _merge_partials(partial_ptr, P, C, c1, cmask, BLOCK_C, BLOCK_P)
+            n, mean_u64, m2 = _merge_moments(partial_ptr, P, C, c1, cmask, BLOCK_C, BLOCK_P)
             pivot = tl.load(x_ptr + c1 * s_c, mask=cmask, other=0.0).to(tl.float32)
-            mean_u = sum_u / count
+            mean_u = mean_u64.to(tl.float32)
             mean = pivot + mean_u
-            std_biased = tl.sqrt_rn(tl.maximum(sum_u2 / count - mean_u * mean_u, 0.0))
+            std_biased = tl.sqrt(m2 / tl.maximum(n, 1.0)).to(tl.float32)
             sigma = std_biased + eps
             t = tl.load(num_batches_tracked_ptr).to(tl.float32)
             r_max = tl.minimum(tl.maximum(r_slope * t + r_start, r_low), r_high)
             d_max = tl.minimum(tl.maximum(d_slope * t + d_start, d_low), d_high)
             r = tl.minimum(tl.maximum(sigma / rs, 1.0 / r_max), r_max)
             d = tl.minimum(tl.maximum((mean - rm) / rs, -d_max), d_max)
-            invstd = 1.0 / sigma
             inv_s = tl.where(std_biased > 0.0, 1.0 / tl.where(std_biased > 0.0, std_biased, 1.0), 0.0)
             tl.store(running_mean_ptr + c1, rm + momentum * (mean - rm), mask=cmask)
             offset = mean_u
@@ -230,12 +275,12 @@ if HAS_TRITON:
         else:
             pivot = rm
             offset = tl.zeros([BLOCK_C], tl.float32)
-            invstd = 1.0 / rs
+            sigma = rs
             r = tl.full([BLOCK_C], 1.0, tl.float32)
             d = tl.zeros([BLOCK_C], tl.float32)
             inv_s = tl.zeros([BLOCK_C], tl.float32)
         # xhat = (x - mean)*a + d with a = r/sigma; y = xhat*w + b
-        a = r * invstd
+        a = r / sigma
         shift = d
         if HAS_WEIGHT:
             w = tl.load(weight_ptr + c1, mask=cmask, other=1.0).to(tl.float32)
@@ -245,7 +290,7 @@ if HAS_TRITON:
             shift += tl.load(bias_ptr + c1, mask=cmask, other=0.0).to(tl.float32)
         tl.store(stats_ptr + _STAT_PIVOT * C + c1, pivot, mask=cmask)
         tl.store(stats_ptr + _STAT_MEAN_OFFSET * C + c1, offset, mask=cmask)
-        tl.store(stats_ptr + _STAT_INVSTD * C + c1, invstd, mask=cmask)
+        tl.store(stats_ptr + _STAT_SIGMA * C + c1, sigma, mask=cmask)
         tl.store(stats_ptr + _STAT_R * C + c1, r, mask=cmask)
         tl.store(stats_ptr + _STAT_D * C + c1, d, mask=cmask)
         tl.store(stats_ptr + _STAT_INV_S * C + c1, inv_s, mask=cmask)
@@ -254,7 +299,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _batch_renorm_backward_finalize_kernel(
-        partial_ptr, weight_ptr, stats_ptr,  # partial: (2, P, C) sums of dy and dy*z; stats: (8, C)
+        partial_ptr, weight_ptr, stats_ptr,  # partial: (3, P, C) fp64, rows sum dy, sum dy*z; stats: (8, C)
         grads_ptr,  # out: (5, C) fp32, rows GRAD_*
         P, C, count,
         TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
@@ -262,8 +307,9 @@ if HAS_TRITON:
     ):
         c1 = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = c1 < C
-        sum_dy, sum_dyz = _merge_partials(partial_ptr, P, C, c1, cmask, BLOCK_C, BLOCK_P)
-        invstd = tl.load(stats_ptr + _STAT_INVSTD * C + c1, mask=cmask, other=0.0)
+        sum_dy = _merge_sums(partial_ptr, 0, P, C, c1, cmask, BLOCK_C, BLOCK_P)
+        sum_dyz = _merge_sums(partial_ptr, 1, P, C, c1, cmask, BLOCK_C, BLOCK_P)  # S(dy*u) for now
+        sigma = tl.load(stats_ptr + _STAT_SIGMA * C + c1, mask=cmask, other=1.0)
         r = tl.load(stats_ptr + _STAT_R * C + c1, mask=cmask, other=0.0)
         d = tl.load(stats_ptr + _STAT_D * C + c1, mask=cmask, other=0.0)
         inv_s = tl.load(stats_ptr + _STAT_INV_S * C + c1, mask=cmask, other=0.0)
@@ -271,18 +317,20 @@ if HAS_TRITON:
             w = tl.load(weight_ptr + c1, mask=cmask, other=0.0).to(tl.float32)
         else:
             w = tl.full([BLOCK_C], 1.0, tl.float32)
-        coef_a = w * r * invstd
+        coef_a = w * r / sigma
+        sum_dyz = sum_dyz / sigma.to(tl.float64)  # S(dy*u) -> S(dy*z)
         if TRAINING:
-            coef_b = -coef_a * sum_dyz * inv_s / count
-            coef_0 = -coef_a * sum_dy / count
+            coef_b = (-coef_a.to(tl.float64) * sum_dyz * inv_s.to(tl.float64) / count).to(tl.float32)
+            mean_dy = (sum_dy / count).to(tl.float32)
         else:
             coef_b = tl.zeros([BLOCK_C], tl.float32)
-            coef_0 = tl.zeros([BLOCK_C], tl.float32)
-        tl.store(grads_ptr + _GRAD_WEIGHT * C + c1, r * sum_dyz + d * sum_dy, mask=cmask)
-        tl.store(grads_ptr + _GRAD_BIAS * C + c1, sum_dy, mask=cmask)
+            mean_dy = tl.zeros([BLOCK_C], tl.float32)
+        dweight = r.to(tl.float64) * sum_dyz + d.to(tl.float64) * sum_dy
+        tl.store(grads_ptr + _GRAD_WEIGHT * C + c1, dweight.to(tl.float32), mask=cmask)
+        tl.store(grads_ptr + _GRAD_BIAS * C + c1, sum_dy.to(tl.float32), mask=cmask)
         tl.store(grads_ptr + _GRAD_A * C + c1, coef_a, mask=cmask)
         tl.store(grads_ptr + _GRAD_B * C + c1, coef_b, mask=cmask)
-        tl.store(grads_ptr + _GRAD_C0 * C + c1, coef_0, mask=cmask)
+        tl.store(grads_ptr + _GRAD_MEAN_DY * C + c1, mean_dy, mask=cmask)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -347,7 +395,7 @@ def _programs_for_reduction(layout: _Layout, device: torch.device) -> tuple[int,
 def _channel_sums(layout: _Layout, dy: torch.Tensor | None, stats: torch.Tensor | None) -> torch.Tensor:
     x = layout.tensor
     programs, tiles_per_program = _programs_for_reduction(layout, x.device)
-    partial = torch.empty((2, programs, layout.C), device=x.device, dtype=torch.float32)
+    partial = torch.empty((3, programs, layout.C), device=x.device, dtype=torch.float64)
     backward = dy is not None
     _channel_sums_kernel[(programs, layout.c_blocks)](
         x, dy if backward else x, stats if backward else partial, partial,
@@ -372,7 +420,8 @@ def batch_renorm_statistics(x, weight, bias, running_mean, running_std, num_batc
     layout = _Layout(x)
     C = layout.C
     stats = torch.empty((N_STATS, C), device=x.device, dtype=torch.float32)
-    partial = _channel_sums(layout, None, None) if training else stats
+    # eval reads no partials; an empty fp64 buffer keeps the kernel's one signature
+    partial = _channel_sums(layout, None, None) if training else stats.new_empty((3, 0, C), dtype=torch.float64)
     _batch_renorm_forward_finalize_kernel[(_cdiv(C, FINALIZE_BLOCK_C),)](
         layout.tensor, partial, weight if weight is not None else stats,
         bias if bias is not None else stats, running_mean, running_std, num_batches_tracked, stats,
@@ -401,7 +450,7 @@ def batch_renorm_backward(dy, layout: _Layout, weight, stats, *, training: bool)
         TRAINING=training, HAS_WEIGHT=weight is not None,
         BLOCK_C=FINALIZE_BLOCK_C, BLOCK_P=FINALIZE_BLOCK_P)
     dx = _per_channel_affine(layout, layout.tensor, dy, stats, grads[GRAD_B], grads[GRAD_A],
-                             grads[GRAD_C0])
+                             grads[GRAD_MEAN_DY])
     return dx, grads
 
 
@@ -527,7 +576,7 @@ def aot_variants():
                 ints = dict(C=i32, INNER=i32, n_inner_blocks=i32, s_o=i64 if index_64 else i32,
                             s_i=i32, s_c=i32)
                 for backward in (False, True):
-                    sig = dict(x_ptr=f"*{dtype}", dy_ptr=f"*{dtype}", stats_ptr="*fp32", partial_ptr="*fp32",
+                    sig = dict(x_ptr=f"*{dtype}", dy_ptr=f"*{dtype}", stats_ptr="*fp32", partial_ptr="*fp64",
                                **ints, n_tiles=i32, tiles_per_program=i32, BACKWARD="constexpr",
                                **{k: "constexpr" for k in layout})
                     variants.append((_channel_sums_kernel, sig, dict(BACKWARD=backward, **layout)))
@@ -540,7 +589,7 @@ def aot_variants():
     finalize_consts = dict(BLOCK_C=FINALIZE_BLOCK_C, BLOCK_P=FINALIZE_BLOCK_P)
     for training in (False, True):
         for affine in (False, True):
-            sig = dict(x_ptr="*fp32", partial_ptr="*fp32", weight_ptr="*fp32", bias_ptr="*fp32",
+            sig = dict(x_ptr="*fp32", partial_ptr="*fp64", weight_ptr="*fp32", bias_ptr="*fp32",
                        running_mean_ptr="*fp32", running_std_ptr="*fp32", num_batches_tracked_ptr="*i64",
                        stats_ptr="*fp32", P=i32, C=i32, s_c=i32, count=f32, eps=f32, momentum=f32,
                        **{k: f32 for k in ("r_slope", "r_start", "r_low", "r_high",
@@ -549,7 +598,7 @@ def aot_variants():
                        BLOCK_C="constexpr", BLOCK_P="constexpr")
             variants.append((_batch_renorm_forward_finalize_kernel, sig,
                              dict(TRAINING=training, HAS_WEIGHT=affine, HAS_BIAS=affine, **finalize_consts)))
-            sig = dict(partial_ptr="*fp32", weight_ptr="*fp32", stats_ptr="*fp32", grads_ptr="*fp32",
+            sig = dict(partial_ptr="*fp64", weight_ptr="*fp32", stats_ptr="*fp32", grads_ptr="*fp32",
                        P=i32, C=i32, count=f32, TRAINING="constexpr", HAS_WEIGHT="constexpr",
                        BLOCK_C="constexpr", BLOCK_P="constexpr")
             variants.append((_batch_renorm_backward_finalize_kernel, sig,
