@@ -11,7 +11,7 @@ from speckle_models import MODEL_NAMES
 
 from .inference_cases import (INFER_IMPLS, INFER_SHAPES, check_inference, infer_case, infer_impl,
                               infer_setup, skip_reason)
-from .conftest import DEVICE, SIZE
+from .conftest import DEVICE, SIZE, checked_or_skipped
 
 
 @pytest.mark.parametrize("impl", INFER_IMPLS)       # varies fastest: the cached case is reused
@@ -23,12 +23,7 @@ def test_inference(timed, benchmark, shape, network, impl):
         pytest.skip(reason)
     model, x, expected = infer_case(network, shape, SIZE, str(DEVICE))
     fn = infer_impl(impl, model)
-    try:  # the first call compiles under torch.compile
-        check_inference(impl, fn, x, expected)
-    except Exception as e:
-        if impl != "compiled" or isinstance(e, AssertionError):
-            raise
-        pytest.skip(f"torch.compile failed here: {type(e).__name__}: {e}"[:500])
+    checked_or_skipped(lambda: check_inference(impl, fn, x, expected), compiled=impl == "compiled")
     if impl == "compiled":
         fn(x)  # once with the default flags outside the timing (the check ran with TF32 off)
     batch, _, h, w = x.shape

@@ -11,7 +11,7 @@ import torch
 
 from .common import Unavailable, tensor_bytes
 from .noise_cases import NOISE_IMPLS, batch_maker_bytes, check_noise, noise_impl, noise_shapes
-from .conftest import DEVICE, SIZE
+from .conftest import DEVICE, SIZE, checked_or_skipped
 
 SHAPES = noise_shapes(SIZE, DEVICE)
 SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
@@ -25,12 +25,7 @@ def _impl(name, op):
 
 
 def _checked(name, fn, op, x, out_dtype=torch.float32):
-    try:  # the first call compiles under torch.compile
-        check_noise(name, fn, op, x, out_dtype)
-    except Exception as e:
-        if name != "reference-compiled" or isinstance(e, AssertionError):
-            raise
-        pytest.skip(f"torch.compile failed here: {type(e).__name__}: {e}"[:500])
+    checked_or_skipped(lambda: check_noise(name, fn, op, x, out_dtype), compiled=name == "reference-compiled")
     return "passed" if name != "reference" else "is the reference"
 
 

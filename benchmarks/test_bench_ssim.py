@@ -10,7 +10,7 @@ import torch
 
 from .common import BATCH, IMAGE, tensor_bytes
 from .ssim_cases import SSIM_IMPLS, check_ssim, ssim_impl, ssim_pair
-from .conftest import DEVICE, SIZE
+from .conftest import DEVICE, SIZE, checked_or_skipped
 
 SHAPE = (BATCH if SIZE == "full" else 8, 1, IMAGE, IMAGE)
 
@@ -19,12 +19,7 @@ SHAPE = (BATCH if SIZE == "full" else 8, 1, IMAGE, IMAGE)
 def test_ssim(timed, impl):
     fn = ssim_impl(impl, DEVICE)
     pred, target = ssim_pair(SHAPE, DEVICE)
-    try:  # the first call compiles under torch.compile
-        check_ssim(impl, fn, pred, target)
-    except Exception as e:
-        if impl != "ssim-fp32-compiled" or isinstance(e, AssertionError):
-            raise
-        pytest.skip(f"torch.compile failed here: {type(e).__name__}: {e}"[:500])
+    checked_or_skipped(lambda: check_ssim(impl, fn, pred, target), compiled=impl == "ssim-fp32-compiled")
     fn(pred, target)
     timed("ssim", impl, f"ssim {'x'.join(map(str, SHAPE))} fp32 in", lambda: fn(pred, target),
           2 * tensor_bytes(SHAPE, torch.float32),
