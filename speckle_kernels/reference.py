@@ -212,3 +212,51 @@ def image_uniforms(images: int, numel_per_image: int, *, seed: int = 0, offset: 
     zero = torch.zeros_like(e)
     r0, _, _, _ = philox4x32_10(seed, e & U32, e >> 32, zero, zero + 1)
     return _uniform_torch(r0)
+
+
+# =============================================================================================
+# The norm block (BatchRenorm -> activation -> dropout): the composition a fused block must
+# equal, with a counter-based dropout mask that a kernel can regenerate in its backward.
+# =============================================================================================
+# Mask stream: element j of a call (row-major index of the logical shape, whatever the memory
+# layout) is kept when u(r0) >= p, r0 the first Philox4x32-10 word of counter
+# (e & 0xFFFFFFFF, e >> 32, 0, 2), e = offset + j, key = seed (noise_stream.py's key and
+# uniform). Word c3 = 2 keeps the mask apart from the noise streams (c3 = 0 and 1). Kept values
+# are scaled by 1 / (1 - p), as nn.Dropout does; eval mode and p = 0 keep everything.
+
+ACTIVATIONS = ("identity", "relu", "leaky_relu")
+_MASK_STREAM = 2
+
+
+def dropout_keep_mask(shape, p: float, *, seed: int = 0, offset: int = 0, device="cpu") -> torch.Tensor:
+    """Boolean keep mask of `shape` for dropout probability p, from the counter-based stream."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must lie in [0, 1), got {p!r}")
+    seed, offset = check_counter("seed", seed), check_counter("offset", offset)
+    numel = math.prod(shape)
+    e = offset + torch.arange(numel, dtype=torch.int64, device=device)
+    zero = torch.zeros_like(e)
+    r0, _, _, _ = philox4x32_10(seed, e & U32, e >> 32, zero, zero + _MASK_STREAM)
+    return (_uniform_torch(r0) >= p).view(shape)
+
+
+def batch_renorm_act_reference(x, running_mean, running_std, num_batches_tracked, weight=None, bias=None, *,
+                               training: bool = True, momentum: float = 0.01, eps: float = 1e-3,
+                               r_max: RenormSchedule = RMAX_SCHEDULE, d_max: RenormSchedule = DMAX_SCHEDULE,
+                               activation: str = "leaky_relu", negative_slope: float = 0.1,
+                               dropout: float = 0.0, seed: int = 0, offset: int = 0) -> torch.Tensor:
+    """batch_renorm_reference, then the activation, then dropout with dropout_keep_mask."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must lie in [0, 1), got {dropout!r}")
+    y = batch_renorm_reference(x, running_mean, running_std, num_batches_tracked, weight, bias,
+                               training=training, momentum=momentum, eps=eps, r_max=r_max, d_max=d_max)
+    if activation == "relu":
+        y = torch.relu(y)
+    elif activation == "leaky_relu":
+        y = torch.nn.functional.leaky_relu(y, negative_slope)
+    if training and dropout > 0.0:
+        keep = dropout_keep_mask(tuple(y.shape), dropout, seed=seed, offset=offset, device=y.device)
+        y = torch.where(keep, y * (1.0 / (1.0 - dropout)), torch.zeros_like(y))
+    return y
