@@ -222,13 +222,14 @@ if HAS_TRITON:
     def _merge_moments(partial_ptr, P, C, c1, cmask, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
         # Chan's merge of the (count, mean, M2) partials, in fp64: the mean first, then
         # M2 = sum(M2_p + n_p (mean_p - mean)^2), which cancels nothing.
-        n = _merge_sums(partial_ptr, 0, P, C, c1, cmask, BLOCK_C, BLOCK_P)
+        n = tl.zeros([BLOCK_C], tl.float64)
         mean = tl.zeros([BLOCK_C], tl.float64)
         for p0 in range(0, P, BLOCK_P):
             pp = p0 + tl.arange(0, BLOCK_P)[:, None]
             m = (pp < P) & cmask[None, :]
             n_p = tl.load(partial_ptr + pp * C + c1[None, :], mask=m, other=0.0)
             mean_p = tl.load(partial_ptr + (P + pp) * C + c1[None, :], mask=m, other=0.0)
+            n += tl.sum(n_p, axis=0)
             mean += tl.sum(n_p * mean_p, axis=0)
         mean = mean / tl.maximum(n, 1.0)
         m2 = tl.zeros([BLOCK_C], tl.float64)

@@ -21,7 +21,7 @@ sets the bound there too. num_batches_tracked must advance exactly.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -245,10 +245,6 @@ def judge(backend: str, d: Draw, *, reference: dict | None = None, truth: dict |
     if any(y.dtype != d.case.dtype for y in result["y"]):
         failures.append("the output dtype differs from the input's")
     return Verdict(d.case, backend, err, ref_err, bound, failures)
-
-
-def with_dtype(case: Case, dtype: torch.dtype) -> Case:
-    return replace(case, dtype=dtype)
 
 
 def draw_from(x: torch.Tensor, dy: torch.Tensor, state: State, *, training: bool = True,
