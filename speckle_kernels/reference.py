@@ -219,32 +219,53 @@ def image_uniforms(images: int, numel_per_image: int, *, seed: int = 0, offset: 
 # equal, with a counter-based dropout mask that a kernel can regenerate in its backward.
 # =============================================================================================
 # Mask stream: element j of a call (row-major index of the logical shape, whatever the memory
-# layout) is kept when u(r0) >= p, r0 the first Philox4x32-10 word of counter
-# (e & 0xFFFFFFFF, e >> 32, 0, 2), e = offset + j, key = seed (noise_stream.py's key and
-# uniform). Word c3 = 2 keeps the mask apart from the noise streams (c3 = 0 and 1). Kept values
-# are scaled by 1 / (1 - p), as nn.Dropout does; eval mode and p = 0 keep everything.
+# layout) has the 64-bit counter e = offset + j. One Philox4x32-10 call, key = seed (lo, hi
+# words) and counter (q & 0xFFFFFFFF, q >> 32, 0, 2) with q = e >> 2, gives four words: element
+# e takes word e & 3 (four elements a call: Philox is the costly part of a dropout kernel).
+# The element is kept when u >= float32(p), u the word's uniform (noise_stream.py's: the word
+# as int32, folded to [0, 2**31) by ~ where negative, times UNIFORM_SCALE, in float32). Word
+# c3 = 2 keeps the mask apart from the noise streams (c3 = 0 and 1). Kept values are scaled by
+# float32(1 / (1 - p)), as nn.Dropout does; eval mode and p = 0 keep everything. seed and
+# offset may be int64 tensors (the modules keep them on the device, so that the offset can
+# advance without a host sync).
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu")
 _MASK_STREAM = 2
 
 
-def dropout_keep_mask(shape, p: float, *, seed: int = 0, offset: int = 0, device="cpu") -> torch.Tensor:
+def _counter_value(name: str, value):
+    if isinstance(value, torch.Tensor):
+        if value.dtype != torch.int64 or value.numel() != 1:
+            raise TypeError(f"{name} must be an int or a one-element int64 tensor, got {value.dtype} "
+                            f"of shape {tuple(value.shape)}")
+        return value.reshape(())
+    return check_counter(name, value)
+
+
+def dropout_keep_mask(shape, p: float, *, seed=0, offset=0, device="cpu") -> torch.Tensor:
     """Boolean keep mask of `shape` for dropout probability p, from the counter-based stream."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must lie in [0, 1), got {p!r}")
-    seed, offset = check_counter("seed", seed), check_counter("offset", offset)
+    seed, offset = _counter_value("seed", seed), _counter_value("offset", offset)
     numel = math.prod(shape)
     e = offset + torch.arange(numel, dtype=torch.int64, device=device)
+    q = e >> 2
     zero = torch.zeros_like(e)
-    r0, _, _, _ = philox4x32_10(seed, e & U32, e >> 32, zero, zero + _MASK_STREAM)
-    return (_uniform_torch(r0) >= p).view(shape)
+    words = torch.stack(philox4x32_10(seed, q & U32, q >> 32, zero, zero + _MASK_STREAM))
+    r = words.gather(0, (e & 3).unsqueeze(0)).squeeze(0)
+    return (_uniform_torch(r) >= p).view(shape)
+
+
+def dropout_scale(p: float) -> float:
+    """The factor of kept values, 1 / (1 - p): applied in float32 by every backend."""
+    return 1.0 / (1.0 - p)
 
 
 def batch_renorm_act_reference(x, running_mean, running_std, num_batches_tracked, weight=None, bias=None, *,
                                training: bool = True, momentum: float = 0.01, eps: float = 1e-3,
                                r_max: RenormSchedule = RMAX_SCHEDULE, d_max: RenormSchedule = DMAX_SCHEDULE,
                                activation: str = "leaky_relu", negative_slope: float = 0.1,
-                               dropout: float = 0.0, seed: int = 0, offset: int = 0) -> torch.Tensor:
+                               dropout: float = 0.0, seed=0, offset=0) -> torch.Tensor:
     """batch_renorm_reference, then the activation, then dropout with dropout_keep_mask."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -258,5 +279,5 @@ def batch_renorm_act_reference(x, running_mean, running_std, num_batches_tracked
         y = torch.nn.functional.leaky_relu(y, negative_slope)
     if training and dropout > 0.0:
         keep = dropout_keep_mask(tuple(y.shape), dropout, seed=seed, offset=offset, device=y.device)
-        y = torch.where(keep, y * (1.0 / (1.0 - dropout)), torch.zeros_like(y))
+        y = torch.where(keep, y * dropout_scale(dropout), torch.zeros_like(y))
     return y
