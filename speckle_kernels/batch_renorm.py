@@ -17,10 +17,10 @@ from . import _ext, batch_renorm_ext, batch_renorm_triton
 from ._backend import resolve_backend
 from .schedules import DMAX_SCHEDULE, RMAX_SCHEDULE, RenormSchedule
 
-__all__ = ["batch_renorm"]
+__all__ = ["batch_renorm", "check_inputs"]
 
 
-def _check_inputs(x, running_mean, running_std, num_batches_tracked, weight, bias, momentum, eps):
+def check_inputs(x, running_mean, running_std, num_batches_tracked, weight, bias, momentum, eps):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor input, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -68,7 +68,7 @@ def batch_renorm(
     backend: "auto" (on CUDA the CUDA extension, else Triton; on CPU the C++ kernel; else the reference),
     "triton", "cuda", "cpu" or "reference".
     """
-    _check_inputs(x, running_mean, running_std, num_batches_tracked, weight, bias, momentum, eps)
+    check_inputs(x, running_mean, running_std, num_batches_tracked, weight, bias, momentum, eps)
     chosen = resolve_backend(backend, x.device, has_cpu_ext=_ext.HAS_CPU_EXT,
                              has_cuda_ext=_ext.HAS_CUDA_EXT)
     if chosen != "reference" and x.dtype == torch.float64:

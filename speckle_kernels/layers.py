@@ -1,8 +1,10 @@
-"""FusedBatchRenorm1d/2d/3d: drop-in modules for the third-party BatchRenorm layers.
+"""FusedBatchRenorm1d/2d/3d: drop-in modules for the third-party BatchRenorm layers, and
+FusedBatchRenormAct1d/2d/3d: the same layer followed by an activation and dropout, in one pass.
 
 Same constructor, parameter and buffer names (weight, bias, running_mean, running_std,
-num_batches_tracked) as github.com/ludvb/batchrenorm, so state_dicts move both ways. The
-modules own parameters and buffers and call `batch_renorm`; the kernels live elsewhere.
+num_batches_tracked) as github.com/ludvb/batchrenorm, so state_dicts move both ways (and a
+FusedBatchRenorm2d state_dict loads into a FusedBatchRenormAct2d). The modules own parameters
+and buffers and call `batch_renorm` / `batch_renorm_act`; the kernels live elsewhere.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from torch import nn
 
 from ._backend import check_backend_name
 from .batch_renorm import batch_renorm
+from .batch_renorm_act import batch_renorm_act
+from .norm_block import check_block_args, new_rng
 from .schedules import DMAX_SCHEDULE, RMAX_SCHEDULE, RenormSchedule
 
 
@@ -95,4 +99,66 @@ class FusedBatchRenorm2d(_FusedBatchRenorm):
 
 class FusedBatchRenorm3d(_FusedBatchRenorm):
     """Batch renormalization over (N, C, D, H, W) input (contiguous or channels_last_3d)."""
+    _expected_dims = (5,)
+
+
+class _FusedBatchRenormAct(_FusedBatchRenorm):
+    """BatchRenorm -> activation -> dropout. With dropout > 0 the module keeps the mask stream's
+    (seed, offset) in the buffer `dropout_rng` (seed drawn from torch's default generator unless
+    given) and advances the offset on the device after each training call."""
+
+    def __init__(self, num_features: int, eps: float = 1e-3, momentum: float = 0.01,
+                 affine: bool = True, *, activation: str = "leaky_relu", negative_slope: float = 0.1,
+                 dropout: float = 0.0, seed: int | None = None, r_max=None, d_max=None,
+                 backend: str = "auto"):
+        super().__init__(num_features, eps, momentum, affine, r_max=r_max, d_max=d_max, backend=backend)
+        check_block_args(activation, negative_slope, dropout)
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
+        self.dropout = float(dropout)
+        if self.dropout > 0.0:
+            self.register_buffer("dropout_rng", new_rng(seed))
+        else:
+            self.dropout_rng = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        masking = self.training and self.dropout > 0.0
+        # The op reads a snapshot; the buffer moves on by this call's element count (on the
+        # device, so the step stays capturable in a CUDA graph).
+        rng = self.dropout_rng.clone() if masking else None
+        y = batch_renorm_act(
+            x, self.running_mean, self.running_std, self.num_batches_tracked, self.weight, self.bias,
+            training=self.training, momentum=self.momentum, eps=self.eps, r_max=self.r_max,
+            d_max=self.d_max, activation=self.activation, negative_slope=self.negative_slope,
+            dropout=self.dropout, rng=rng, backend=self.backend)
+        if masking:
+            self.dropout_rng[1:].add_(x.numel())
+        return y
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A FusedBatchRenorm*d state_dict has no mask stream: keep this module's own.
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if prefix + "dropout_rng" in missing_keys:
+            missing_keys.remove(prefix + "dropout_rng")
+
+    def extra_repr(self) -> str:
+        act = self.activation + (f"({self.negative_slope:g})" if self.activation == "leaky_relu" else "")
+        return f"{super().extra_repr()}, activation={act}, dropout={self.dropout:g}"
+
+
+class FusedBatchRenormAct1d(_FusedBatchRenormAct):
+    """BatchRenorm -> activation -> dropout over (N, C) or (N, C, L) input."""
+    _expected_dims = (2, 3)
+
+
+class FusedBatchRenormAct2d(_FusedBatchRenormAct):
+    """BatchRenorm -> activation -> dropout over (N, C, H, W) input (contiguous or channels_last)."""
+    _expected_dims = (4,)
+
+
+class FusedBatchRenormAct3d(_FusedBatchRenormAct):
+    """BatchRenorm -> activation -> dropout over (N, C, D, H, W) input."""
     _expected_dims = (5,)

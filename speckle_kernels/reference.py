@@ -26,6 +26,7 @@ import torch
 
 from .noise_stream import (RAYLEIGH_MEAN, RAYLEIGH_STD, TINY_UNIFORM, U32, UNIFORM_SCALE, check_counter,
                            check_distribution)
+from .norm_block import ACTIVATIONS
 from .schedules import DMAX_SCHEDULE, RMAX_SCHEDULE, RenormSchedule, renorm_correction, update_running_stats
 
 
@@ -229,7 +230,6 @@ def image_uniforms(images: int, numel_per_image: int, *, seed: int = 0, offset: 
 # offset may be int64 tensors (the modules keep them on the device, so that the offset can
 # advance without a host sync).
 
-ACTIVATIONS = ("identity", "relu", "leaky_relu")
 _MASK_STREAM = 2
 
 
