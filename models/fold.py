@@ -46,7 +46,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from speckle_kernels.atomic_write import atomic_path
-from speckle_kernels import FusedBatchRenorm1d, FusedBatchRenorm2d, FusedBatchRenorm3d, SyncFusedBatchRenorm
+from speckle_kernels import (FusedBatchRenorm1d, FusedBatchRenorm2d, FusedBatchRenorm3d, FusedBatchRenormAct1d,
+                             FusedBatchRenormAct2d, FusedBatchRenormAct3d, SyncFusedBatchRenorm)
 
 __all__ = ["ChannelAffine", "fold_norms", "norm_affine", "norm_modules", "export_model",
            "onnx_predict", "UNFOLDABLE_POLICIES", "EXPORT_FORMATS"]
@@ -57,7 +58,8 @@ EXPORT_FORMATS = ("onnx", "torch_export")
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 # Identities in eval mode: a norm after conv -> dropout still reads the conv's output.
 _TRANSPARENT = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
-_RENORMS = (FusedBatchRenorm1d, FusedBatchRenorm2d, FusedBatchRenorm3d, SyncFusedBatchRenorm)
+_BLOCKS = (FusedBatchRenormAct1d, FusedBatchRenormAct2d, FusedBatchRenormAct3d)  # norm -> act (-> dropout)
+_RENORMS = (FusedBatchRenorm1d, FusedBatchRenorm2d, FusedBatchRenorm3d, SyncFusedBatchRenorm) + _BLOCKS
 _NORMS = _RENORMS + (_BatchNorm,)  # _BatchNorm: BatchNorm1d/2d/3d, SyncBatchNorm, the lazy ones
 
 
@@ -184,7 +186,16 @@ class _Folder:
                 self.walk(child, path, None)
 
     def norm(self, norm: nn.Module, path: str, conv: nn.Module | None) -> nn.Module | None:
-        """The module that replaces `norm` (None: keep it)."""
+        """The module that replaces `norm` (None: keep it). A norm block's activation stays
+        behind it (its dropout is off in eval)."""
+        replacement = self._affine(norm, path, conv)
+        activation = getattr(norm, "activation", None)
+        if activation is None or replacement is None or activation == "identity":
+            return replacement
+        act = nn.ReLU() if activation == "relu" else nn.LeakyReLU(norm.negative_slope)
+        return act if isinstance(replacement, nn.Identity) else nn.Sequential(replacement, act)
+
+    def _affine(self, norm: nn.Module, path: str, conv: nn.Module | None) -> nn.Module | None:
         scale, shift = norm_affine(norm)
         shared = conv is not None and (self.uses[id(conv)] > 1 or self.uses[id(norm)] > 1)
         if conv is not None and not shared:

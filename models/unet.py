@@ -32,6 +32,10 @@ Choices where the paper and its sources disagree (and why):
   convolutions + 4 transposed convolutions (close to Karaoglu's 57 "layers" when Keras-style
   dropout, norm, activation, pool and concat layers are counted).
 - The second Norm after the activation of each expanding step is kept as the text says.
+- Norm -> Act is one pass in Br-U-Net (the norm block FusedBatchRenormAct2d). The block can
+  fuse dropout too, but here dropout comes *before* each convolution, after a pool or a concat
+  whose input also feeds another branch (the skip), so moving it into the block would change
+  the network: the paper's nn.Dropout layers stay where the paper puts them.
 - Width: the papers do not give one; `base_channels` defaults to 32 (32-64-128-256-512).
 - Sizes that are not a multiple of 16 are padded (replicate) to one and the output cropped
   back, so any H, W >= 1 works; 128x128 (the paper's size) is not padded.
@@ -42,7 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from speckle_kernels import FusedBatchRenorm2d
+from speckle_kernels import FusedBatchRenorm2d, FusedBatchRenormAct2d
 
 NORMS = ("fused", "reference", "batchnorm")
 ACTIVATIONS = ("relu", "leaky_relu")
@@ -76,13 +80,24 @@ def make_activation(kind: str) -> nn.Module:
     raise ValueError(f"unknown activation {kind!r}; expected one of {', '.join(ACTIVATIONS)}")
 
 
+def make_norm_act(kind: str, act: str, channels: int, backend: str = "auto") -> list[nn.Module]:
+    """Norm -> Act as two modules. With the fused BatchRenorm they are one pass, the norm
+    block FusedBatchRenormAct2d, followed by an nn.Identity in the activation's place, so that
+    state_dict keys are those of the layer-by-layer network (checkpoints move both ways)."""
+    if kind == "fused":
+        block = FusedBatchRenormAct2d(channels, eps=1e-3, momentum=0.01, activation=act,
+                                      negative_slope=0.1, backend=backend)
+        return [block, nn.Identity()]
+    return [make_norm(kind, channels, backend), make_activation(act)]
+
+
 class _ConvUnit(nn.Sequential):
     """[Dropout] -> Conv 3x3 -> Norm -> Act [-> Norm]."""
 
     def __init__(self, cin, cout, *, norm, act, dropout, dilation, norm_backend="auto", post_norm=False):
         layers = [nn.Dropout(dropout)] if dropout > 0 else []
         layers += [nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation),
-                   make_norm(norm, cout, norm_backend), make_activation(act)]
+                   *make_norm_act(norm, act, cout, norm_backend)]
         if post_norm:
             layers.append(make_norm(norm, cout, norm_backend))
         super().__init__(*layers)
@@ -135,7 +150,9 @@ def d_unet(*, dropout: float = 0.1, norm: str = "batchnorm", **kw) -> UNet:
 def br_unet(*, dropout: float = 0.05, norm: str = "fused", **kw) -> UNet:
     """Br-U-Net: BatchRenorm (eps 1e-3, momentum 0.01) and LeakyReLU(0.1), dropout 0.05 (Table 1).
 
-    norm="fused" uses FusedBatchRenorm2d(backend="auto"), "reference" its plain-PyTorch
-    formula (the third-party layer the paper used), "batchnorm" nn.BatchNorm2d (an ablation).
+    norm="fused" uses the norm block FusedBatchRenormAct2d (BatchRenorm and LeakyReLU in one
+    pass, backend="auto"), "reference" the paper's layer by layer network (the plain-PyTorch
+    formula of the third-party layer the paper used, then nn.LeakyReLU), "batchnorm"
+    nn.BatchNorm2d (an ablation).
     """
     return UNet(norm=norm, activation="leaky_relu", dropout=dropout, **kw)

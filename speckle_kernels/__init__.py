@@ -8,13 +8,14 @@ from .layers import (FusedBatchRenorm1d, FusedBatchRenorm2d, FusedBatchRenorm3d,
 from .noise import add_speckle_noise, make_noisy_batch
 from .reference import batch_renorm_reference
 from .schedules import DMAX_SCHEDULE, RMAX_SCHEDULE, RenormSchedule
-from .sync_batch_renorm import SyncFusedBatchRenorm, convert_batchrenorm, convert_sync_batchrenorm
+from .sync_batch_renorm import (SyncFusedBatchRenorm, SyncFusedBatchRenormAct, convert_batchrenorm,
+                                convert_sync_batchrenorm)
 
 __version__ = "0.1.0"
 __all__ = [
     "HAS_TRITON", "batch_renorm", "batch_renorm_reference", "FusedBatchRenorm1d",
     "FusedBatchRenorm2d", "FusedBatchRenorm3d", "batch_renorm_act", "FusedBatchRenormAct1d",
     "FusedBatchRenormAct2d", "FusedBatchRenormAct3d", "RenormSchedule", "RMAX_SCHEDULE", "DMAX_SCHEDULE",
-    "SyncFusedBatchRenorm", "convert_batchrenorm", "convert_sync_batchrenorm",
+    "SyncFusedBatchRenorm", "SyncFusedBatchRenormAct", "convert_batchrenorm", "convert_sync_batchrenorm",
     "add_speckle_noise", "make_noisy_batch", "cpu_output_cache_idle_bytes", "empty_cpu_output_cache",
 ]

@@ -279,5 +279,6 @@ def batch_renorm_act_reference(x, running_mean, running_std, num_batches_tracked
         y = torch.nn.functional.leaky_relu(y, negative_slope)
     if training and dropout > 0.0:
         keep = dropout_keep_mask(tuple(y.shape), dropout, seed=seed, offset=offset, device=y.device)
+        keep = torch.empty_like(y, dtype=torch.bool).copy_(keep)  # y's memory layout
         y = torch.where(keep, y * dropout_scale(dropout), torch.zeros_like(y))
     return y

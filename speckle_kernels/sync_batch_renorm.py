@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
-from .layers import FusedBatchRenorm1d, FusedBatchRenorm2d, FusedBatchRenorm3d, _FusedBatchRenorm
+from .batch_renorm_act import batch_renorm_act
+from .layers import (FusedBatchRenorm1d, FusedBatchRenorm2d, FusedBatchRenorm3d, _FusedBatchRenorm,
+                     _FusedBatchRenormAct)
+from .norm_block import check_block_args
 from .schedules import renorm_correction, update_running_stats
 
 
@@ -109,6 +113,30 @@ class SyncFusedBatchRenorm(_FusedBatchRenorm):
             self.momentum, self.eps, self.r_max, self.d_max, self.process_group)
 
 
+class SyncFusedBatchRenormAct(SyncFusedBatchRenorm):
+    """The synchronized layer followed by the block's activation (what convert_sync_batchrenorm
+    makes of a FusedBatchRenormAct*d without dropout); same parameters and buffers."""
+
+    def __init__(self, num_features: int, eps: float = 1e-3, momentum: float = 0.01, affine: bool = True,
+                 *, activation: str = "leaky_relu", negative_slope: float = 0.1, **kwargs):
+        super().__init__(num_features, eps, momentum, affine, **kwargs)
+        check_block_args(activation, negative_slope, 0.0)
+        self.activation, self.negative_slope = activation, float(negative_slope)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._synchronizing():  # one process: the fused block itself
+            self._check_input_dim(x)
+            return batch_renorm_act(
+                x, self.running_mean, self.running_std, self.num_batches_tracked, self.weight, self.bias,
+                training=self.training, momentum=self.momentum, eps=self.eps, r_max=self.r_max,
+                d_max=self.d_max, activation=self.activation, negative_slope=self.negative_slope,
+                backend=self.backend)
+        y = super().forward(x)
+        if self.activation == "relu":
+            return F.relu(y)
+        return F.leaky_relu(y, self.negative_slope) if self.activation == "leaky_relu" else y
+
+
 def _copy_renorm(src: nn.Module, dst: _FusedBatchRenorm) -> _FusedBatchRenorm:
     with torch.no_grad():
         dst.running_mean.copy_(src.running_mean)
@@ -123,9 +151,19 @@ def _copy_renorm(src: nn.Module, dst: _FusedBatchRenorm) -> _FusedBatchRenorm:
 def convert_sync_batchrenorm(module: nn.Module, process_group=None) -> nn.Module:
     """Replace every FusedBatchRenorm in `module` by a SyncFusedBatchRenorm with the same state."""
     if isinstance(module, _FusedBatchRenorm) and not isinstance(module, SyncFusedBatchRenorm):
-        new = SyncFusedBatchRenorm(module.num_features, module.eps, module.momentum, module.affine,
-                                   r_max=module.r_max, d_max=module.d_max, backend=module.backend,
-                                   process_group=process_group)
+        kwargs = dict(r_max=module.r_max, d_max=module.d_max, backend=module.backend,
+                      process_group=process_group)
+        if isinstance(module, _FusedBatchRenormAct):
+            if module.dropout > 0:
+                raise ValueError(f"cannot synchronize {type(module).__name__} with dropout="
+                                 f"{module.dropout}: the synchronized layer has no fused dropout; "
+                                 "use a separate dropout layer")
+            new = SyncFusedBatchRenormAct(module.num_features, module.eps, module.momentum, module.affine,
+                                          activation=module.activation,
+                                          negative_slope=module.negative_slope, **kwargs)
+        else:
+            new = SyncFusedBatchRenorm(module.num_features, module.eps, module.momentum, module.affine,
+                                       **kwargs)
         new.train(module.training)
         return _copy_renorm(module, new)
     for name, child in module.named_children():

@@ -1,4 +1,10 @@
-"""The norm block's reference (BatchRenorm -> activation -> dropout) and its dropout mask stream.
+"""The norm block (BatchRenorm -> activation -> dropout) on every backend, and its mask stream.
+
+Accuracy: tests/cases/batch_renorm_act.py runs every BatchRenorm kit case with an activation and
+a dropout rate and holds each fused backend to twice the fp32 reference's error against float64
+plus one ulp (judged on the backend's own activation branches, which may differ from float64's
+only within the reference's error of z). Masks: each backend's equals the documented stream
+bit for bit; the stream's statistics are tested once, on the reference.
 
 Mask statistics over n = 2**20 elements, 5 standard errors (a two-sided false alarm of 6e-7 a
 check): the keep rate of a Bernoulli(1 - p) has standard error sqrt(p (1 - p) / n); the
@@ -8,13 +14,20 @@ calls) has standard error 1 / sqrt(n).
 from __future__ import annotations
 
 import math
+import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from speckle_kernels.reference import (ACTIVATIONS, batch_renorm_act_reference, batch_renorm_reference,
-                                       dropout_keep_mask)
+from speckle_kernels.norm_block import ACTIVATIONS
+from speckle_kernels.reference import batch_renorm_act_reference, batch_renorm_reference, dropout_keep_mask
+
+from .cases import batch_renorm_act as block_kit
+from .cases.backends import require
+
+FUSED = ("cpu", "triton", "cuda")
+DRAWS = 2
 
 N = 1 << 20
 
@@ -103,3 +116,33 @@ def test_dropout_semantics_of_nn_dropout():
 def test_bad_arguments(kwargs, pattern):
     with pytest.raises((ValueError, TypeError), match=pattern):
         batch_renorm_act_reference(torch.randn(2, 3, 4, 4), *_state(3), **kwargs)
+
+
+@pytest.mark.parametrize("case", block_kit.CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("backend", FUSED)
+def test_block_against_float64(backend, case):
+    device = require(backend)
+    for k in range(DRAWS):
+        d = block_kit.draw(case, zlib.crc32(f"{case.id}/{k}".encode()), device)
+        verdict = block_kit.judge(backend, case, d)
+        assert not verdict.failures, verdict.report() + "\n" + "\n".join(verdict.failures)
+
+
+def test_block_headline_shape_on_the_cpu_backend():
+    require("cpu")
+    d = block_kit.draw(block_kit.HEADLINE, 4242)
+    verdict = block_kit.judge("cpu", block_kit.HEADLINE, d)
+    assert not verdict.failures, verdict.report()
+
+
+@pytest.mark.parametrize("shape,channels_last", [((3, 5, 7, 9), False), ((3, 5, 7, 9), True),
+                                                  ((2, 3, 4, 5, 3), True), ((7, 3), False),
+                                                  ((2, 70, 3, 5), True), ((1, 1, 1, 1), False)])
+@pytest.mark.parametrize("backend", FUSED)
+def test_backend_mask_is_the_stream(backend, shape, channels_last):
+    device = require(backend)
+    for seed, offset in ((2 ** 40 + 3, 5), (11, 2 ** 33 + 2)):
+        want = dropout_keep_mask(shape, 0.3, seed=seed, offset=offset, device=device)
+        got = block_kit.backend_mask(backend, shape, 0.3, seed=seed, offset=offset, device=device,
+                                     channels_last=channels_last)
+        assert torch.equal(got, want)
