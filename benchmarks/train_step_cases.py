@@ -75,10 +75,10 @@ def check_train_step(name: str, model, batch: int, image: int, device) -> None:
 
 def br_unet_reference_like(model):
     """A reference-layer Br-U-Net holding `model`'s weights and buffers."""
-    from speckle_kernels import FusedBatchRenorm2d
+    from speckle_kernels import FusedBatchRenorm2d, FusedBatchRenormAct2d
 
     ref = copy.deepcopy(model)
     for module in ref.modules():
-        if isinstance(module, FusedBatchRenorm2d):
+        if isinstance(module, (FusedBatchRenorm2d, FusedBatchRenormAct2d)):
             module.backend = "reference"
     return ref
