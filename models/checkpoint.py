@@ -57,7 +57,9 @@ def write_metrics(out: Path, config: TrainConfig, history: list[dict], extra: di
     atomic_write_text(out / "metrics.json", json.dumps(doc, indent=2) + "\n")
     buf = io.StringIO()
     if history:
-        writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+        # rows of a run resumed from an older version may lack the newer columns
+        columns = list(dict.fromkeys(key for row in history for key in row))
+        writer = csv.DictWriter(buf, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(history)
     atomic_write_text(out / "metrics.csv", buf.getvalue())

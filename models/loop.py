@@ -39,6 +39,7 @@ from . import build_model, distributed
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_NAME, CHECKPOINT_VERSION, load_checkpoint, save_checkpoint, write_metrics
 from .config import VAL_NOISE_SEED, TrainConfig, resolve_device, resume_mismatch
 from .evaluate import check_target, eval_pair, evaluate, load_data, predict
+from .flops import step_flops, throughput_note
 from .pairs import PairBatches
 from .plots import loss_curves, sample_grid
 
@@ -177,6 +178,12 @@ def train(config: TrainConfig, *, data=None, resume: bool = False, overwrite: bo
         return loss
 
     graphed = None
+    flops_per_image = None
+    if start_epoch < config.epochs:
+        example = val_noisy[:config.batch_size]
+        flops_per_image = step_flops(model, example) / example.shape[0]
+        _say(config, f"step: {flops_per_image * config.batch_size / 1e9:.1f} GFLOP forward+backward "
+                     f"at batch {config.batch_size} (torch.utils.flop_counter)")
     for epoch in range(start_epoch, config.epochs):
         model.train()
         loss_sum.zero_()
@@ -207,7 +214,8 @@ def train(config: TrainConfig, *, data=None, resume: bool = False, overwrite: bo
             bar.close()
         if seen == 0:
             raise ValueError("the training set gave no batch (fewer images than one batch?)")
-        train_loss = distributed.mean_over_ranks(loss_sum / seen, dctx).item()
+        train_loss = distributed.mean_over_ranks(loss_sum / seen, dctx).item()  # syncs
+        compute = throughput_note(flops_per_image, seen, time.perf_counter() - t0, device)
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training diverged at epoch {epoch + 1} (loss {train_loss})")
         val = evaluate(run_model, val_noisy, val_clean, **eval_kw)
@@ -216,7 +224,8 @@ def train(config: TrainConfig, *, data=None, resume: bool = False, overwrite: bo
         elapsed = time.perf_counter() - t0
         row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
                "val_psnr": val["psnr"], "val_ssim": val["ssim"], "epoch_time_s": elapsed,
-               "images_per_s": seen / elapsed}
+               "images_per_s": seen / elapsed, "train_tflops": compute["tflops"],
+               "bf16_peak_fraction": compute["bf16_peak_fraction"]}
         history.append(row)
         if dctx.is_main:
             save_checkpoint(ckpt_path, {
@@ -226,7 +235,8 @@ def train(config: TrainConfig, *, data=None, resume: bool = False, overwrite: bo
             write_metrics(out, config, history)
         distributed.barrier(dctx)
         _say(config, f"epoch {epoch + 1}/{config.epochs}: train {train_loss:.5f}  val {val['loss']:.5f}  "
-                     f"PSNR {val['psnr']:.2f} dB  SSIM {val['ssim']:.4f}  {elapsed:.1f} s")
+                     f"PSNR {val['psnr']:.2f} dB  SSIM {val['ssim']:.4f}  {elapsed:.1f} s  "
+                     f"{_compute_text(compute)}")
     # a finished run resumed trains nothing: its figures are redrawn only if missing
     figures = (out / "train_loss.png", out / "train_samples.png")
     redraw = start_epoch < config.epochs or not all(f.exists() for f in figures)
@@ -266,6 +276,12 @@ def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+def _compute_text(compute: dict) -> str:
+    text = f"{compute['tflops']:.3g} TFLOP/s"
+    fraction = compute["bf16_peak_fraction"]
+    return text + (f" ({100 * fraction:.1f}% of bf16 peak)" if fraction is not None else "")
 
 
 def _say(config: TrainConfig, text: str) -> None:
