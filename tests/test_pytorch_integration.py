@@ -28,11 +28,7 @@ SCHEDULE = [sk.RMAX_SCHEDULE.slope, sk.RMAX_SCHEDULE.start, sk.RMAX_SCHEDULE.low
 
 
 def _small_br_unet(backend: str) -> nn.Module:
-    model = br_unet(base_channels=4, dropout=0.0)
-    for module in model.modules():
-        if isinstance(module, sk.FusedBatchRenorm2d):
-            module.backend = backend
-    return model
+    return br_unet(base_channels=4, dropout=0.0, norm_backend=backend)
 
 
 def _needs_backend(backend):
