@@ -260,3 +260,24 @@ def test_bad_arguments(kwargs, error, pattern):
     with pytest.raises(error, match=pattern):
         bat.batch_renorm_act(torch.randn(2, 3, 4), None, None, *_buffers(3, 0), training=True, momentum=MOMENTUM,
                              eps=EPS, r_max=RMAX_SCHEDULE, d_max=DMAX_SCHEDULE, **args)
+
+
+def test_torch_compile_fullgraph_traces_the_ops(one_thread):
+    # the registered ops under torch.compile give the eager path's y, gradients and buffers
+    def block(x, w, b, rm, rs, t, rng):
+        return bat.batch_renorm_act(x, w, b, rm, rs, t, training=True, momentum=MOMENTUM, eps=EPS,
+                                    r_max=RMAX_SCHEDULE, d_max=DMAX_SCHEDULE, activation=2, negative_slope=0.1,
+                                    dropout=0.3, rng=rng)
+
+    x = _input((2, 3, 5, 6), torch.float32, False)
+    w, b, rng = torch.rand(3) + 0.5, torch.randn(3), torch.tensor([2**33, 7])
+    bufs = _buffers(3, 20000)
+    runs = []
+    for fn, state in ((block, bufs), (torch.compile(block, fullgraph=True, backend="aot_eager"),
+                                      [t.clone() for t in bufs])):
+        xs = x.clone().requires_grad_(True)
+        y = fn(xs, w, b, *state, rng)
+        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+        runs.append((y.detach(), xs.grad, *state))
+    assert (runs[0][0] == 0).any() and (runs[0][1] != 0).any()
+    assert all(torch.equal(a, c) for a, c in zip(*runs))
