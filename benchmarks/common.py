@@ -42,7 +42,7 @@ def probe_backend(backend: str, device: torch.device, call) -> None:
     try:
         call()
     except (RuntimeError, TypeError, ImportError) as e:
-        raise Unavailable(f"backend={backend!r} is not available here: {str(e).splitlines()[0]}") from e
+        raise Unavailable(f"backend={backend!r} is not available here: {str(e).splitlines()[0][:200]}") from e
 
 
 # ----------------------------------------------------------------------------- device and size
