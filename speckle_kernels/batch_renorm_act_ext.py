@@ -15,6 +15,7 @@ import torch
 from . import _ext
 from ._backend import kernel_input
 from .batch_renorm_ext import N_STATS
+from .norm_block import ACTIVATION_CODES, dropout_keep_mask, dropout_scale
 from .schedules import RenormSchedule
 
 
@@ -42,12 +43,50 @@ class BatchRenormActExtFunction(torch.autograd.Function):
         return (dx, dweight, dbias) + (None,) * 12
 
 
+# Stats rows the decomposed apply reads (csrc/include/batch_renorm_math.h's StatRow).
+_PIVOT, _OFFSET, _SCALE, _SHIFT = 0, 1, 6, 7
+
+
+def apply_block_pointwise(x, stats, activation: int, negative_slope: float, dropout: float, rng):
+    """The forward's element pass in plain torch ops (the kernels' arithmetic, fp32):
+    what Inductor can fuse with its neighbours."""
+    view = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    row = lambda k: stats[k].view(view)  # noqa: E731
+    z = ((x.float() - row(_PIVOT)) - row(_OFFSET)) * row(_SCALE) + row(_SHIFT)
+    if activation != ACTIVATION_CODES["identity"]:
+        slope = 0.0 if activation == ACTIVATION_CODES["relu"] else negative_slope
+        z = torch.where(z > 0, z, z * slope)
+    if dropout > 0.0:
+        keep = dropout_keep_mask(tuple(x.shape), dropout, seed=rng[0], offset=rng[1], device=x.device)
+        z = torch.where(keep, z * dropout_scale(dropout), torch.zeros_like(z))
+    return z.to(x.dtype)
+
+
+class BatchRenormActDecomposedFunction(BatchRenormActExtFunction):
+    """Design (b): the statistics op, then the element pass as torch ops; the same fused
+    backward op."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_std, num_batches_tracked, training,
+                momentum, eps, r_max, d_max, activation, negative_slope, dropout, rng):
+        stats = torch.ops.speckle_kernels.batch_renorm_stats(
+            x, weight, bias, running_mean, running_std, num_batches_tracked, training, momentum, eps,
+            r_max.as_list(), d_max.as_list())
+        y = apply_block_pointwise(x, stats, activation, negative_slope, dropout if training else 0.0, rng)
+        ctx.save_for_backward(x, weight, stats, rng)
+        ctx.block = (training, activation, negative_slope, dropout)
+        ctx.has_bias = bias is not None
+        return y
+
+
 def batch_renorm_act(x, weight, bias, running_mean, running_std, num_batches_tracked, *,
                      training: bool, momentum: float, eps: float, r_max: RenormSchedule,
                      d_max: RenormSchedule, activation: int, negative_slope: float, dropout: float,
-                     rng: torch.Tensor) -> torch.Tensor:
-    """The norm block through the C++/CUDA kernels; updates the running buffers when training."""
-    return BatchRenormActExtFunction.apply(x, weight, bias, running_mean, running_std,
+                     rng: torch.Tensor, decomposed: bool = False) -> torch.Tensor:
+    """The norm block through the C++/CUDA kernels; updates the running buffers when training.
+    decomposed: design (b), the element pass as torch ops (see batch_renorm_act.py)."""
+    fn = BatchRenormActDecomposedFunction if decomposed else BatchRenormActExtFunction
+    return fn.apply(x, weight, bias, running_mean, running_std,
                                            num_batches_tracked, training, momentum, eps, r_max, d_max,
                                            activation, negative_slope, dropout, rng)
 

@@ -110,3 +110,35 @@ def images_of(t: torch.Tensor) -> tuple[int, int]:
         images = t.shape[0]
         return images, (t.numel() // images if images else 0)
     return 1, t.numel()
+
+
+# The stream's generator in torch integer arithmetic: the oracle of every kernel's bits, and the
+# mask of the norm block's decomposed (Inductor) form.
+
+def _mul_hi_lo(a: int, b: torch.Tensor):
+    """(a * b) >> 32 and (a * b) & 0xFFFFFFFF for a 32-bit constant a and uint32 values b held
+    in int64, without overflowing int64 (split a into 16-bit halves)."""
+    s = (a >> 16) * b
+    t = (a & 0xFFFF) * b
+    hi = (s + (t >> 16)) >> 16
+    lo = (((s & 0xFFFF) << 16) + t) & U32
+    return hi, lo
+
+
+def philox4x32_10(seed: int, c0, c1, c2, c3):
+    """Philox4x32-10 on int64 tensors holding uint32 counters; key = (seed lo, seed hi).
+    Returns the four output words (int64 tensors with values in [0, 2**32))."""
+    k0, k1 = seed & U32, (seed >> 32) & U32
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(0xCD9E8D57, c2)
+        hi_a, lo_a = _mul_hi_lo(0xD2511F53, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + 0x9E3779B9) & U32
+        k1 = (k1 + 0xBB67AE85) & U32
+    return c0, c1, c2, c3
+
+
+def uniform_torch(r: torch.Tensor) -> torch.Tensor:
+    """Philox words (int64 holding uint32) -> the stream's float32 uniforms."""
+    v = torch.where(r >= 2 ** 31, U32 - r, r)
+    return v.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32)

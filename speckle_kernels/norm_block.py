@@ -16,6 +16,8 @@ import numbers
 
 import torch
 
+from .noise_stream import U32, check_counter, philox4x32_10, uniform_torch
+
 ACTIVATIONS = ("identity", "relu", "leaky_relu")
 ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}  # the kernels' int
 
@@ -53,3 +55,35 @@ def new_rng(seed: int | None = None, device=None) -> torch.Tensor:
 
 def mask_is_active(training: bool, dropout: float) -> bool:
     return bool(training) and dropout > 0.0
+
+
+# The mask stream (documented in reference.py's norm-block section), in torch integer ops.
+_MASK_STREAM = 2
+
+
+def _counter_value(name: str, value):
+    if isinstance(value, torch.Tensor):
+        if value.dtype != torch.int64 or value.numel() != 1:
+            raise TypeError(f"{name} must be an int or a one-element int64 tensor, got {value.dtype} "
+                            f"of shape {tuple(value.shape)}")
+        return value.reshape(())
+    return check_counter(name, value)
+
+
+def dropout_keep_mask(shape, p: float, *, seed=0, offset=0, device="cpu") -> torch.Tensor:
+    """Boolean keep mask of `shape` for dropout probability p, from the counter-based stream."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must lie in [0, 1), got {p!r}")
+    seed, offset = _counter_value("seed", seed), _counter_value("offset", offset)
+    numel = math.prod(shape)
+    e = offset + torch.arange(numel, dtype=torch.int64, device=device)
+    q = e >> 2
+    zero = torch.zeros_like(e)
+    words = torch.stack(philox4x32_10(seed, q & U32, q >> 32, zero, zero + _MASK_STREAM))
+    r = words.gather(0, (e & 3).unsqueeze(0)).squeeze(0)
+    return (uniform_torch(r) >= p).view(shape)
+
+
+def dropout_scale(p: float) -> float:
+    """The factor of kept values, 1 / (1 - p): applied in float32 by every backend."""
+    return 1.0 / (1.0 - p)

@@ -24,9 +24,9 @@ import math
 
 import torch
 
-from .noise_stream import (RAYLEIGH_MEAN, RAYLEIGH_STD, TINY_UNIFORM, U32, UNIFORM_SCALE, check_counter,
-                           check_distribution)
-from .norm_block import ACTIVATIONS
+from .noise_stream import (RAYLEIGH_MEAN, RAYLEIGH_STD, TINY_UNIFORM, U32, check_counter, check_distribution,
+                           philox4x32_10, uniform_torch)
+from .norm_block import ACTIVATIONS, dropout_keep_mask, dropout_scale
 from .schedules import DMAX_SCHEDULE, RMAX_SCHEDULE, RenormSchedule, renorm_correction, update_running_stats
 
 
@@ -154,34 +154,6 @@ def noisy_batch_reference(clean_u8: torch.Tensor, *, factor: float = 1.0, sigma_
 # the oracle of every noise kernel's bits.
 # =============================================================================================
 
-def _mul_hi_lo(a: int, b: torch.Tensor):
-    """(a * b) >> 32 and (a * b) & 0xFFFFFFFF for a 32-bit constant a and uint32 values b held
-    in int64, without overflowing int64 (split a into 16-bit halves)."""
-    s = (a >> 16) * b
-    t = (a & 0xFFFF) * b
-    hi = (s + (t >> 16)) >> 16
-    lo = (((s & 0xFFFF) << 16) + t) & U32
-    return hi, lo
-
-
-def philox4x32_10(seed: int, c0, c1, c2, c3):
-    """Philox4x32-10 on int64 tensors holding uint32 counters; key = (seed lo, seed hi).
-    Returns the four output words (int64 tensors with values in [0, 2**32))."""
-    k0, k1 = seed & U32, (seed >> 32) & U32
-    for _ in range(10):
-        hi_b, lo_b = _mul_hi_lo(0xCD9E8D57, c2)
-        hi_a, lo_a = _mul_hi_lo(0xD2511F53, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0 = (k0 + 0x9E3779B9) & U32
-        k1 = (k1 + 0xBB67AE85) & U32
-    return c0, c1, c2, c3
-
-
-def _uniform_torch(r: torch.Tensor) -> torch.Tensor:
-    v = torch.where(r >= 2 ** 31, U32 - r, r)
-    return v.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32)
-
-
 def _radius_torch(u: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(-2.0 * torch.log(torch.clamp(u, min=TINY_UNIFORM)))
 
@@ -196,12 +168,12 @@ def noise_fields(numel: int, *, seed: int = 0, offset: int = 0, distribution: st
     e = offset + torch.arange(numel, dtype=torch.int64, device=device)
     zero = torch.zeros_like(e)
     r0, r1, r2, r3 = philox4x32_10(seed, e & U32, e >> 32, zero, zero)
-    rho0 = _radius_torch(_uniform_torch(r0))
+    rho0 = _radius_torch(uniform_torch(r0))
     if distribution == "rayleigh":
         n1 = (rho0 - RAYLEIGH_MEAN) * (1.0 / RAYLEIGH_STD)
     else:
-        n1 = rho0 * torch.cos(2 * math.pi * _uniform_torch(r1))
-    n2 = _radius_torch(_uniform_torch(r2)) * torch.cos(2 * math.pi * _uniform_torch(r3))
+        n1 = rho0 * torch.cos(2 * math.pi * uniform_torch(r1))
+    n2 = _radius_torch(uniform_torch(r2)) * torch.cos(2 * math.pi * uniform_torch(r3))
     return n1, n2
 
 
@@ -212,7 +184,7 @@ def image_uniforms(images: int, numel_per_image: int, *, seed: int = 0, offset: 
     e = offset + torch.arange(images, dtype=torch.int64, device=device) * numel_per_image
     zero = torch.zeros_like(e)
     r0, _, _, _ = philox4x32_10(seed, e & U32, e >> 32, zero, zero + 1)
-    return _uniform_torch(r0)
+    return uniform_torch(r0)
 
 
 # =============================================================================================
@@ -229,37 +201,6 @@ def image_uniforms(images: int, numel_per_image: int, *, seed: int = 0, offset: 
 # float32(1 / (1 - p)), as nn.Dropout does; eval mode and p = 0 keep everything. seed and
 # offset may be int64 tensors (the modules keep them on the device, so that the offset can
 # advance without a host sync).
-
-_MASK_STREAM = 2
-
-
-def _counter_value(name: str, value):
-    if isinstance(value, torch.Tensor):
-        if value.dtype != torch.int64 or value.numel() != 1:
-            raise TypeError(f"{name} must be an int or a one-element int64 tensor, got {value.dtype} "
-                            f"of shape {tuple(value.shape)}")
-        return value.reshape(())
-    return check_counter(name, value)
-
-
-def dropout_keep_mask(shape, p: float, *, seed=0, offset=0, device="cpu") -> torch.Tensor:
-    """Boolean keep mask of `shape` for dropout probability p, from the counter-based stream."""
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability must lie in [0, 1), got {p!r}")
-    seed, offset = _counter_value("seed", seed), _counter_value("offset", offset)
-    numel = math.prod(shape)
-    e = offset + torch.arange(numel, dtype=torch.int64, device=device)
-    q = e >> 2
-    zero = torch.zeros_like(e)
-    words = torch.stack(philox4x32_10(seed, q & U32, q >> 32, zero, zero + _MASK_STREAM))
-    r = words.gather(0, (e & 3).unsqueeze(0)).squeeze(0)
-    return (_uniform_torch(r) >= p).view(shape)
-
-
-def dropout_scale(p: float) -> float:
-    """The factor of kept values, 1 / (1 - p): applied in float32 by every backend."""
-    return 1.0 / (1.0 - p)
-
 
 def batch_renorm_act_reference(x, running_mean, running_std, num_batches_tracked, weight=None, bias=None, *,
                                training: bool = True, momentum: float = 0.01, eps: float = 1e-3,
