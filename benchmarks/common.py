@@ -152,15 +152,16 @@ def autograd_memory(step, device: torch.device) -> dict:
     return out
 
 
-def compile_fresh(fn):
+def compile_fresh(fn, fullgraph: bool = False):
     """torch.compile with fresh caches: each benchmark warms its own graph, and a hit on the
-    recompile limit raises instead of falling back to eager without a word."""
+    recompile limit raises instead of falling back to eager without a word (fullgraph: so does
+    a graph break)."""
     import torch._dynamo
 
     torch._dynamo.reset()
     if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
         torch._dynamo.config.fail_on_recompile_limit_hit = True
-    return torch.compile(fn, dynamic=False)
+    return torch.compile(fn, dynamic=False, fullgraph=fullgraph)
 
 
 def assert_verdict(verdict) -> None:

@@ -5,8 +5,10 @@
 Forward+backward (training, LeakyReLU(0.1), dropout 0.05) at (32, 64, 128, 128) fp32 contiguous
 on the CPU: FusedBatchRenormAct2d(backend="cpu") against nn.BatchNorm2d -> LeakyReLU -> Dropout
 eager and under torch.compile; each the minimum of --reps calls after warm-up. Targets: the
-block at <= 0.3x eager and <= 0.5x compiled. Where the block's C++ kernel offers compile designs
-(a `DESIGNS` tuple in speckle_kernels/batch_renorm_act_ext.py), each design is a row of its own.
+block at <= 0.3x eager and <= 0.5x compiled. Where speckle_kernels/batch_renorm_act_ext.py has
+the block's two compile designs (its batch_renorm_act(..., decomposed=)), each is a row too:
+torch.compile(block, fullgraph=True) with (a) the fused forward op, (b) the statistics op and the
+element pass as torch ops (benchmarks/compile_designs.py compares them inside a U-Net step).
 The block is first checked with the block kit (norm_block_cases.check_block).
 
 Writes norm_block_target.md and .json in --out (atomically). Exit status: 0 when measured (met
@@ -15,36 +17,54 @@ or not: the report says), 2 when the block's CPU kernel is missing here.
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import json
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 from speckle_kernels.atomic_write import atomic_write_text
 
 from .batch_renorm_cases import renorm_input
-from .common import Unavailable, device_name, time_calls
+from .common import Unavailable, compile_fresh, device_name, time_calls
 from .norm_block_cases import block_impl, check_block, forward_backward
 
 TARGETS = {"bn2d-act-drop-eager": 0.3, "bn2d-act-drop-compiled": 0.5}  # block time / baseline time
 
 
-def designs() -> tuple:
-    """The block's compile designs on this branch (none before its kernels land)."""
+def designs() -> dict:
+    """{row name: decomposed flag} of the block's compile designs; empty where this branch's
+    batch_renorm_act_ext has no `decomposed` option."""
     from speckle_kernels import batch_renorm_act_ext
 
-    return tuple(getattr(batch_renorm_act_ext, "DESIGNS", ()))
+    if "decomposed" not in inspect.signature(batch_renorm_act_ext.batch_renorm_act).parameters:
+        return {}
+    return {"block-cpu-compiled(a: fused op)": False, "block-cpu-compiled(b: stats op + pointwise)": True}
 
 
-def measure(impl: str, x, dy, reps: int, warmup: int, check: bool) -> dict:
+def _compiled_block(impl: str, decomposed: bool, x, dy, reps: int, warmup: int, check: bool) -> dict:
+    """A compile design of the block, timed with the ext's `decomposed` pinned for the whole run."""
+    from speckle_kernels import batch_renorm_act_ext
+
+    with mock.patch.object(batch_renorm_act_ext, "batch_renorm_act",
+                           functools.partial(batch_renorm_act_ext.batch_renorm_act, decomposed=decomposed)):
+        row = measure("block-cpu", x, dy, reps, warmup, check, fullgraph=True)
+    return {**row, "impl": impl}
+
+
+def measure(impl: str, x, dy, reps: int, warmup: int, check: bool, fullgraph: bool = False) -> dict:
     device = x.device
     row = {"impl": impl}
     try:
         module = block_impl(impl, x.shape[1], device, x.dtype)
     except Unavailable as e:
         return {**row, "skipped": str(e)}
+    if fullgraph:  # a graph break would raise, not fall back to eager
+        module = compile_fresh(module, fullgraph=True)
     if check:
         row["check"] = check_block(impl, module, x.detach(), dy, device)
     times = time_calls(lambda: forward_backward(module, x, dy), device, reps, warmup)
@@ -87,16 +107,9 @@ def main(argv=None) -> int:
         rows.append(measure(impl, x, dy, args.reps, args.warmup, not args.no_check))
         print(rows[-1]["impl"], f"{rows[-1]['min_s'] * 1e3:.1f} ms" if "min_s" in rows[-1]
               else rows[-1]["skipped"], flush=True)
-    for design in designs():  # each of the block kernel's compile designs, when it has them
-        import speckle_kernels.batch_renorm_act_ext as ext
-
-        previous = getattr(ext, "design", None)
-        ext.design = design
-        try:
-            rows.append({**measure("block-cpu", x, dy, args.reps, args.warmup, not args.no_check),
-                         "impl": f"block-cpu[{design}]"})
-        finally:
-            ext.design = previous
+    for impl, decomposed in designs().items():
+        rows.append(_compiled_block(impl, decomposed, x, dy, args.reps, args.warmup, not args.no_check))
+        print(impl, f"{rows[-1]['min_s'] * 1e3:.1f} ms" if "min_s" in rows[-1] else rows[-1]["skipped"])
     by_name = {r["impl"]: r for r in rows}
     ratios = []
     for block in [r["impl"] for r in rows if r["impl"].startswith("block-")]:
