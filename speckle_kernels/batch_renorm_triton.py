@@ -512,8 +512,9 @@ def _setup_context(ctx, inputs, output):
 
 def _normalize_grads(ctx, dy, backward):
     """The normalize op's input gradients, with backward(dy, x, weight, stats, training) giving
-    (dx, grads): the registered op under torch.compile, the plain function in eager mode."""
-    x, weight, stats = ctx.saved_tensors
+    (dx, grads): the registered op under torch.compile, the plain function in eager mode.
+    (The norm block of batch_renorm_act_triton.py saves more tensors after these three.)"""
+    x, weight, stats = ctx.saved_tensors[:3]
     dx, grads = backward(dy, x, weight, stats, ctx.training)
     param_dtype = weight.dtype if weight is not None else torch.float32
     dweight = grads[GRAD_WEIGHT].to(param_dtype) if weight is not None else None

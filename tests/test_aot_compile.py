@@ -34,3 +34,12 @@ def test_batch_renorm_kernels_compile_for_sm80_and_sm90():
     for r in results:
         assert r["regs"] is not None and r["regs"] <= 255, r
         print(r)
+
+
+def test_norm_block_kernels_compile_for_sm80_and_sm90():
+    results = compile_module("speckle_kernels.batch_renorm_act_triton")
+    assert {r["kernel"] for r in results} == {"_norm_block_kernel"}
+    assert {r["arch"] for r in results} == {80, 90}
+    for r in results:
+        assert r["regs"] is not None and r["regs"] <= 255, r
+        print(r)

@@ -38,7 +38,7 @@ def _run(cmd):
 
 
 def test_cuda_sources_exist_and_stay_free_of_torch_headers():
-    assert [p.name for p in CU_FILES] == ["batch_renorm.cu", "speckle_noise.cu"]
+    assert [p.name for p in CU_FILES] == ["batch_renorm.cu", "batch_renorm_act.cu", "speckle_noise.cu"]
     for path in CU_FILES + sorted(CUDA_DIR.glob("*.cuh")) + [CUDA_DIR / "launchers.h"]:
         text = path.read_text()
         for banned in ("#include <ATen", "#include <torch", "#include <c10"):

@@ -359,16 +359,6 @@ __global__ void affine_channels_last_kernel(const T* __restrict__ x, const T* __
   }
 }
 
-template <typename F>
-void dispatch_float(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: f(static_cast<float*>(nullptr)); break;
-    case DType::kFloat16: f(static_cast<__half*>(nullptr)); break;
-    case DType::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
-    default: break;  // rejected by the binding's checks
-  }
-}
-
 template <typename T, bool BWD>
 void launch_sums(const T* x, const T* dy, const float* stats, double* partial, int P, const Layout& lay,
                  cudaStream_t stream) {
@@ -405,11 +395,10 @@ int batch_renorm_partials(const Layout& lay, int multiprocessors) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({wanted, units, kMaxPartials})));
 }
 
-void batch_renorm_forward(DType dtype, const void* x, void* y, const Layout& lay, const float* weight,
-                          const float* bias, float* running_mean, float* running_std,
-                          int64_t* num_batches_tracked, float* stats, double* partial, int P,
-                          bool training, float momentum, float eps, Schedule r_max, Schedule d_max,
-                          cudaStream_t stream) {
+void batch_renorm_stats(DType dtype, const void* x, const Layout& lay, const float* weight, const float* bias,
+                        float* running_mean, float* running_std, int64_t* num_batches_tracked, float* stats,
+                        double* partial, int P, bool training, float momentum, float eps, Schedule r_max,
+                        Schedule d_max, cudaStream_t stream) {
   dispatch_float(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const T* xt = static_cast<const T*>(x);
@@ -419,6 +408,26 @@ void batch_renorm_forward(DType dtype, const void* x, void* y, const Layout& lay
         xt, lay.channels_last ? 1 : lay.L, partial, P, lay.C, count, weight, bias, running_mean,
         running_std, num_batches_tracked, stats, training, momentum, eps, r_max, d_max);
     if (training) increment_kernel<<<1, 1, 0, stream>>>(num_batches_tracked);
+  });
+}
+
+void batch_renorm_backward_finalize(const double* partial, int P, const Layout& lay, const float* weight,
+                                    const float* stats, float* grads, bool training, cudaStream_t stream) {
+  const double count = static_cast<double>(lay.N) * static_cast<double>(lay.L);
+  backward_finalize_kernel<<<ceil_div(lay.C, kFinalizeThreads), kFinalizeThreads, 0, stream>>>(
+      partial, P, lay.C, count, weight, stats, grads, training);
+}
+
+void batch_renorm_forward(DType dtype, const void* x, void* y, const Layout& lay, const float* weight,
+                          const float* bias, float* running_mean, float* running_std,
+                          int64_t* num_batches_tracked, float* stats, double* partial, int P,
+                          bool training, float momentum, float eps, Schedule r_max, Schedule d_max,
+                          cudaStream_t stream) {
+  batch_renorm_stats(dtype, x, lay, weight, bias, running_mean, running_std, num_batches_tracked, stats, partial,
+                     P, training, momentum, eps, r_max, d_max, stream);
+  dispatch_float(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* xt = static_cast<const T*>(x);
     const int64_t C = lay.C;
     const AffineCoefs k{stats + kPivot * C, stats + kMeanOffset * C, stats + kScale * C, nullptr, stats + kShift * C};
     launch_affine<T, false>(xt, nullptr, static_cast<T*>(y), k, lay, stream);
@@ -433,9 +442,7 @@ void batch_renorm_backward(DType dtype, const void* x, const void* dy, void* dx,
     const T* xt = static_cast<const T*>(x);
     const T* dyt = static_cast<const T*>(dy);
     launch_sums<T, true>(xt, dyt, stats, partial, P, lay, stream);
-    const double count = static_cast<double>(lay.N) * static_cast<double>(lay.L);
-    backward_finalize_kernel<<<ceil_div(lay.C, kFinalizeThreads), kFinalizeThreads, 0, stream>>>(
-        partial, P, lay.C, count, weight, stats, grads, training);
+    batch_renorm_backward_finalize(partial, P, lay, weight, stats, grads, training, stream);
     const int64_t C = lay.C;
     const AffineCoefs k{stats + kPivot * C, stats + kMeanOffset * C, grads + kGradB * C, grads + kGradA * C,
                         grads + kGradMeanDy * C};

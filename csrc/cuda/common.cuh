@@ -1,8 +1,10 @@
-// Device helpers shared by the CUDA kernels: dtype conversion and a block-wide sum.
+// Device helpers shared by the CUDA kernels: dtype conversion and dispatch, a block-wide sum.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include "launchers.h"
 
 namespace speckle::cuda {
 
@@ -31,6 +33,17 @@ __device__ __forceinline__ float block_sum(float v, float* shared /* >= 32 float
     for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
   }
   return v;
+}
+
+// Calls f with a null T* for the element type T of dtype (float types only).
+template <typename F>
+void dispatch_float(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: f(static_cast<float*>(nullptr)); break;
+    case DType::kFloat16: f(static_cast<__half*>(nullptr)); break;
+    case DType::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
+    default: break;  // rejected by the binding's checks
+  }
 }
 
 inline unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }

@@ -7,6 +7,7 @@
 #include <stdint.h>
 
 #include "../include/batch_renorm_math.h"
+#include "../include/norm_block_math.h"
 #include "../include/philox.h"
 
 namespace speckle::cuda {
@@ -33,10 +34,32 @@ void batch_renorm_forward(DType dtype, const void* x, void* y, const Layout& lay
                           bool training, float momentum, float eps, Schedule r_max, Schedule d_max,
                           cudaStream_t stream);
 
+// The statistics pass and finalize of batch_renorm_forward alone (same stats, same buffer update).
+void batch_renorm_stats(DType dtype, const void* x, const Layout& lay, const float* weight, const float* bias,
+                        float* running_mean, float* running_std, int64_t* num_batches_tracked, float* stats,
+                        double* partial, int P, bool training, float momentum, float eps, Schedule r_max,
+                        Schedule d_max, cudaStream_t stream);
+
+// grads (kGradRows, C) from the backward partials S(dy), S(dy*u) (rows 0, 1 of `partial`).
+void batch_renorm_backward_finalize(const double* partial, int P, const Layout& lay, const float* weight,
+                                    const float* stats, float* grads, bool training, cudaStream_t stream);
+
 // dx from dy (same layout as x); grads: (kGradRows, C) fp32 out (rows kGradWeight, kGradBias).
 void batch_renorm_backward(DType dtype, const void* x, const void* dy, void* dx, const Layout& lay,
                            const float* weight, const float* stats, float* grads, double* partial,
                            int P, bool training, cudaStream_t stream);
+
+// The norm block (include/norm_block_math.h) after batch_renorm_stats: y = dropout(act(z)).
+// rng: device int64 (seed, offset), read by the kernels; dropout.active off: no mask.
+void batch_renorm_act_forward(DType dtype, const void* x, void* y, const Layout& lay, const float* stats,
+                              const int64_t* rng, float slope, const DropoutParams& dropout, cudaStream_t stream);
+
+// dx and grads (kGradRows, C) of the block; the mask and z are regenerated from x and rng.
+// partial: (2, P, C) fp64 workspace (P from batch_renorm_partials).
+void batch_renorm_act_backward(DType dtype, const void* x, const void* dy, void* dx, const Layout& lay,
+                               const float* weight, const float* stats, float* grads, double* partial, int P,
+                               bool training, const int64_t* rng, float slope, const DropoutParams& dropout,
+                               cudaStream_t stream);
 
 // out = speckle(src) for `numel` contiguous elements, `per_image` of them per image. src is
 // float-typed (in_dtype == out_dtype) or kUInt8; with kUInt8, out and clean get 2y-1 and 2v-1.
