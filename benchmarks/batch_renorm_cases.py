@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from tests.cases import batch_renorm as renorm_kit
 
-from .common import (BATCH, DTYPE_NAMES, IMAGE, KERNEL_BACKENDS, SMALL_BATCH, SMALL_IMAGE, Unavailable,
-                     assert_close, compile_fresh, tensor_bytes)
+from .common import (BATCH, DTYPE_NAMES, IMAGE, KERNEL_BACKENDS, SMALL_BATCH, SMALL_IMAGE, assert_close,
+                     assert_verdict, compile_fresh, probe_backend, tensor_bytes)
 
 HEADLINE_CHANNELS = 64               # the (32, 64, 128, 128) of the targets
 MOMENTUM, EPS = 0.01, 1e-3           # Br-U-Net's BatchRenorm
@@ -76,18 +76,24 @@ class Case:
         return self.label.replace(" ", "-")
 
 
-def renorm_cases(size: str, device: torch.device) -> list[Case]:
-    full_levels = size == "full" and device.type == "cuda"
-    full_headline = size == "full"
-    batch, image = (BATCH, IMAGE) if full_levels else (SMALL_BATCH, SMALL_IMAGE)
-    cases = [Case(f"L{i}", s, torch.float32, False, full_levels)
-             for i, s in enumerate(unet_norm_shapes(batch, image))]
+def headline_cases(size: str, device: torch.device) -> list[Case]:
+    """(32, 64, 128, 128) in fp32 and bf16, contiguous and channels_last. At size full on a
+    GPU all four are at the real size; on a CPU only fp32 contiguous (the CPU target's case)."""
+    cases = []
     for dtype in (torch.float32, torch.bfloat16):
         for channels_last in (False, True):
-            full = full_levels or (full_headline and dtype == torch.float32 and not channels_last)
+            full = size == "full" and (device.type == "cuda" or (dtype == torch.float32 and not channels_last))
             b, hw = (BATCH, IMAGE) if full else (SMALL_BATCH, SMALL_IMAGE)
             cases.append(Case("headline", (b, HEADLINE_CHANNELS, hw, hw), dtype, channels_last, full))
     return cases
+
+
+def renorm_cases(size: str, device: torch.device) -> list[Case]:
+    full_levels = size == "full" and device.type == "cuda"
+    batch, image = (BATCH, IMAGE) if full_levels else (SMALL_BATCH, SMALL_IMAGE)
+    cases = [Case(f"L{i}", s, torch.float32, False, full_levels)
+             for i, s in enumerate(unet_norm_shapes(batch, image))]
+    return cases + headline_cases(size, device)
 
 
 def renorm_input(shape, dtype, channels_last, device, seed=0) -> torch.Tensor:
@@ -135,18 +141,15 @@ def _reference_fn(x, s: RenormState, training: bool = True):
 
 
 def probe_kernel_backend(backend: str, device: torch.device, dtype: torch.dtype) -> None:
-    """Raise Unavailable when `backend` cannot run here: asked for by name, it raises rather
-    than fall back, which is what tells a missing implementation from a present one."""
-    if backend == "triton" and device.type != "cuda":
-        raise Unavailable("Triton runs on CPU tensors only under its interpreter, which is not a speed")
+    """Raise Unavailable when the BatchRenorm `backend` cannot run here (common.probe_backend)."""
     import speckle_kernels as sk
 
-    s = RenormState(3, device)
-    try:
+    def call():
+        s = RenormState(3, device)
         sk.batch_renorm(torch.randn(2, 3, 4, 4, device=device).to(dtype), *s.buffers(),
                         s.weight, s.bias, training=True, backend=backend)
-    except (RuntimeError, TypeError, ImportError) as e:
-        raise Unavailable(f"backend={backend!r} is not available here: {e}") from e
+
+    probe_backend(backend, device, call)
 
 
 def renorm_impl(name: str, device: torch.device, dtype: torch.dtype, *, bn_eps: float = 1e-5,
@@ -194,9 +197,7 @@ def check_renorm(name: str, fn, x: torch.Tensor, *, backward: bool, device, trai
         d = renorm_kit.draw_from(x.detach(), dy, renorm_kit.State(
             s.running_mean, s.running_std, s.num_batches_tracked, s.weight.detach(), s.bias.detach()),
             training=training, momentum=MOMENTUM, eps=EPS)
-        verdict = renorm_kit.judge(name, d)
-        if verdict.failures:
-            raise AssertionError(verdict.report() + "\n" + "\n".join(verdict.failures))
+        assert_verdict(renorm_kit.judge(name, d))
         return
     plain_bn = name == "batchnorm2d"
     if plain_bn and not training:

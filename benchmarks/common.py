@@ -32,6 +32,19 @@ class Unavailable(Exception):
     """An implementation that is not present here; the benchmark is skipped with this reason."""
 
 
+def probe_backend(backend: str, device: torch.device, call) -> None:
+    """Raise Unavailable when `backend` cannot run here. call() runs a tiny input through the
+    backend asked for by name: a missing one raises (RuntimeError, NotImplementedError from an
+    op without a kernel, TypeError, ImportError) rather than fall back, which is what tells a
+    missing implementation from a present one. Any other exception is a real failure."""
+    if backend == "triton" and device.type != "cuda":
+        raise Unavailable("Triton runs on CPU tensors only under its interpreter, which is not a speed")
+    try:
+        call()
+    except (RuntimeError, TypeError, ImportError) as e:
+        raise Unavailable(f"backend={backend!r} is not available here: {str(e).splitlines()[0][:200]}") from e
+
+
 # ----------------------------------------------------------------------------- device and size
 
 def bench_device() -> torch.device:
@@ -115,15 +128,46 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, reps: int = 
     return {"bytes": 2 * nbytes, "median_s": median, "gbps": 2 * nbytes / median / 1e9}
 
 
-def compile_fresh(fn):
+def autograd_memory(step, device: torch.device) -> dict:
+    """What one call of step() keeps for backward: the bytes of the unique storages autograd
+    saves (torch.autograd.graph.saved_tensors_hooks; device independent), and on CUDA the peak
+    memory the call allocates above what was allocated before it (torch.cuda.max_memory_allocated)."""
+    storages: dict[tuple, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        storages[(s.device.type, s.data_ptr())] = s.nbytes()
+        return t
+
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    synchronize(device)
+    out = {"saved_bytes": sum(storages.values()), "saved_storages": len(storages)}
+    if device.type == "cuda":
+        out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device) - before
+    return out
+
+
+def compile_fresh(fn, fullgraph: bool = False):
     """torch.compile with fresh caches: each benchmark warms its own graph, and a hit on the
-    recompile limit raises instead of falling back to eager without a word."""
+    recompile limit raises instead of falling back to eager without a word (fullgraph: so does
+    a graph break)."""
     import torch._dynamo
 
     torch._dynamo.reset()
     if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
         torch._dynamo.config.fail_on_recompile_limit_hit = True
-    return torch.compile(fn, dynamic=False)
+    return torch.compile(fn, dynamic=False, fullgraph=fullgraph)
+
+
+def assert_verdict(verdict) -> None:
+    """Fail with the kit's report unless its judge passed the backend."""
+    if verdict.failures:
+        raise AssertionError(verdict.report() + "\n" + "\n".join(verdict.failures))
 
 
 def assert_close(actual, expected, *, atol, rtol, name):

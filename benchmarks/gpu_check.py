@@ -6,7 +6,9 @@
    (tests/cases/batch_renorm.py): y, dx, dweight, dbias and the running buffers over training
    steps then eval, against the same function in float64 (at most 2x the fp32 reference's error
    + 1 ulp), on the tests' cases and on Br-U-Net's shapes in fp32/fp16/bf16, contiguous and
-   channels_last; and the noise kernels against their documented Philox stream. A backend that is missing counts as a failure here:
+   channels_last; the norm block (BatchRenorm -> activation -> dropout) by its kit
+   (tests/cases/batch_renorm_act.py) over its CASES and the headline; and the noise kernels
+   against their documented Philox stream. A backend that is missing counts as a failure here:
    on a GPU machine both should be built.
 2. Timings at (32, 64, 128, 128): forward and forward+backward of every implementation
    (reference, torch.compile(reference), nn.BatchNorm2d, Triton, CUDA) in fp32 and bf16,
@@ -30,13 +32,15 @@ from pathlib import Path
 import torch
 
 from tests.cases import batch_renorm as renorm_kit
+from tests.cases import batch_renorm_act as block_kit
 
-from .common import (DTYPE_NAMES, Unavailable, copy_bandwidth, device_name, rotation_count,
-                     tensor_bytes, time_calls)
+from .common import (DTYPE_NAMES, Unavailable, assert_verdict, copy_bandwidth, device_name,
+                     rotation_count, tensor_bytes, time_calls)
 from .batch_renorm_cases import (HEADLINE_CHANNELS, RENORM_IMPLS, RenormState, check_renorm,
                                  forward_backward, renorm_bytes, renorm_impl, renorm_input,
                                  unet_norm_shapes)
 from .noise_cases import check_noise, noise_impl
+from .norm_block_cases import probe_block_backend
 
 HEADLINE = (32, HEADLINE_CHANNELS, 128, 128)
 BACKENDS = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}  # checked on each device type
@@ -77,11 +81,16 @@ def run_checks(device, quick: bool) -> list[dict]:
                 if backend == "triton" and device.type != "cuda":
                     raise Unavailable("Triton is checked on a GPU here (the tests run its interpreter)")
                 renorm_impl(backend, device, case.dtype)  # Unavailable when not built
-                verdict = renorm_kit.judge(backend, renorm_kit.draw(case, seed=len(case.id), device=device))
-                if verdict.failures:
-                    raise AssertionError(verdict.report() + "\n" + "\n".join(verdict.failures))
+                assert_verdict(renorm_kit.judge(backend, renorm_kit.draw(case, seed=len(case.id), device=device)))
 
             record(f"batch_renorm[{backend}] {case.id}", judged)
+        for case in block_kit.CASES + ([] if quick else [block_kit.HEADLINE]):
+            def block_judged(case=case):
+                probe_block_backend(backend, device, case.base.dtype)  # Unavailable when missing
+                d = block_kit.draw(case, seed=len(case.id), device=device)
+                assert_verdict(block_kit.judge(backend, case, d))
+
+            record(f"batch_renorm_act[{backend}] {case.id}", block_judged)
         for op, out_dtype in (("batch", torch.float32), ("batch", torch.bfloat16), ("add", torch.float32)):
             for shape in ((32, 1, 128, 128), (3, 1, 7, 13)):
                 label = f"noise[{backend}] {op} {'x'.join(map(str, shape))} -> {DTYPE_NAMES[out_dtype]}"
@@ -192,7 +201,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("."), help="directory for gpu_check.json/.md")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--quick", action="store_true", help="fewer Br-U-Net shapes in the checks")
+    p.add_argument("--quick", action="store_true", help="fewer Br-U-Net shapes in the checks, no block headline")
     p.add_argument("--skip-timings", action="store_true")
     p.add_argument("--device", default="cuda", help="cuda (default), or cpu for a dry run")
     args = p.parse_args(argv)

@@ -15,8 +15,10 @@ import json
 from collections import OrderedDict
 from pathlib import Path
 
-GROUPS = ("batchrenorm-forward", "batchrenorm-forward-backward", "noise", "ssim", "train-step", "inference")
+GROUPS = ("batchrenorm-forward", "batchrenorm-forward-backward", "norm-block-forward",
+          "norm-block-forward-backward", "noise", "ssim", "train-step", "inference")
 REFERENCE = {"batchrenorm-forward": "reference", "batchrenorm-forward-backward": "reference",
+             "norm-block-forward": "reference", "norm-block-forward-backward": "reference",
              "noise": "reference", "ssim": "skimage", "train-step": "br-unet-reference",
              "inference": "eager"}
 IMPL_ORDER = ("reference", "skimage", "br-unet-reference", "reference-compiled", "ssim-fp64",

@@ -1,5 +1,11 @@
 """Training-step benchmark cases: one Adamax step of Br-U-Net (each BatchRenorm backend) and
 of D-U-Net (nn.BatchNorm2d), with a check that a fused Br-U-Net takes the reference's step.
+
+Modes: every implementation runs eager; Br-U-Net with the default fused backend (the one
+backend="auto" picks on the device when it is built: cuda on a GPU, cpu on a CPU; named, so a
+missing one is skipped) and D-U-Net also run under torch.compile (Br-U-Net fullgraph: a graph
+break fails the row) and captured in one CUDA graph (CUDA only). The check runs the kernels
+eagerly: a compiled step draws other dropout masks than the reference's.
 """
 from __future__ import annotations
 
@@ -9,10 +15,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .batch_renorm_cases import probe_kernel_backend
-from .common import BATCH, IMAGE, KERNEL_BACKENDS, SMALL_BATCH, SMALL_IMAGE
+from speckle_kernels._backend import resolve_backend
+
+from .common import BATCH, IMAGE, KERNEL_BACKENDS, SMALL_BATCH, SMALL_IMAGE, Unavailable, compile_fresh
+from .norm_block_cases import probe_block_backend
 
 TRAIN_IMPLS = ("br-unet-reference", "br-unet-triton", "br-unet-cuda", "br-unet-cpu", "d-unet-batchnorm2d")
+MODES = ("eager", "compiled", "graph")
+TRAIN_ROWS = ([(impl, "eager") for impl in TRAIN_IMPLS]
+              + [(impl, mode) for impl in ("br-unet-fused", "d-unet-batchnorm2d") for mode in MODES[1:]])
 
 
 def train_shape(size: str, device: torch.device) -> tuple[int, int]:
@@ -30,24 +41,48 @@ def train_model(name: str, device: torch.device):
     if name == "br-unet-reference":
         return br_unet(norm="reference").to(device), PAPER_HPARAMS["br-unet"]["lr"]
     backend = name.rsplit("-", 1)[1]
+    if backend == "fused":
+        backend = resolve_backend("auto", device, has_cpu_ext=True, has_cuda_ext=True)
     if backend not in KERNEL_BACKENDS:
         raise ValueError(f"unknown implementation {name!r}")
-    probe_kernel_backend(backend, device, torch.float32)
+    probe_block_backend(backend, device, torch.float32)  # Br-U-Net's norms are blocks (and one renorm)
     return br_unet(norm="fused", norm_backend=backend).to(device), PAPER_HPARAMS["br-unet"]["lr"]
 
 
-def train_step_fn(model, lr: float):
-    """One optimizer step as models/loop.py takes it: forward, MSE, backward, Adamax."""
-    opt = torch.optim.Adamax(model.parameters(), lr=lr)
+def train_step_fn(model, lr: float, mode: str = "eager", fullgraph: bool = False):
+    """One optimizer step as models/loop.py takes it: forward, MSE, backward, Adamax. mode
+    "compiled" runs the model under torch.compile; "graph" makes the step capturable (see
+    capture_step); every mode zeroes the gradients after the step, as the loop does."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}")
+    opt = torch.optim.Adamax(model.parameters(), lr=lr, capturable=mode == "graph")
     model.train()
+    run = compile_fresh(model, fullgraph=fullgraph) if mode == "compiled" else model
 
     def step(noisy, clean):
-        opt.zero_grad(set_to_none=True)
-        loss = F.mse_loss(model(noisy), clean)
+        loss = F.mse_loss(run(noisy), clean)
         loss.backward()
         opt.step()
+        opt.zero_grad(set_to_none=mode != "graph")
         return loss
     return step
+
+
+def capture_step(step, noisy, clean, device: torch.device, warmup: int = 3):
+    """The step captured in one CUDA graph after `warmup` eager steps on a side stream
+    (speckle_models.loop's graph); returns a function replaying it on static inputs."""
+    if device.type != "cuda":
+        raise Unavailable("a CUDA graph needs a CUDA device")
+    from speckle_models.loop import _GraphedStep
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step(noisy, clean)
+    torch.cuda.current_stream().wait_stream(side)
+    graphed = _GraphedStep(step, noisy, clean)
+    return lambda: graphed(noisy, clean)
 
 
 def train_batch(batch: int, image: int, device, seed=0):
