@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _ext, batch_renorm_act_ext
+from . import _ext, batch_renorm_act_ext, batch_renorm_act_triton
 from ._backend import resolve_backend
 from .batch_renorm import check_inputs
 from .norm_block import ACTIVATION_CODES, check_block_args, check_rng, mask_is_active
@@ -74,9 +74,5 @@ def batch_renorm_act(
             seed=rng[0], offset=rng[1])
     block = dict(activation=ACTIVATION_CODES[activation], negative_slope=float(negative_slope),
                  dropout=float(dropout), rng=rng)
-    if chosen == "triton":
-        from . import batch_renorm_act_triton
-        run = batch_renorm_act_triton.batch_renorm_act
-    else:
-        run = batch_renorm_act_ext.batch_renorm_act
+    run = batch_renorm_act_triton.batch_renorm_act if chosen == "triton" else batch_renorm_act_ext.batch_renorm_act
     return run(x, weight, bias, running_mean, running_std, num_batches_tracked, **common, **block)
