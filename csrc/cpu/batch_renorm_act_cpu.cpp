@@ -24,17 +24,20 @@ namespace {
 
 constexpr int64_t kWindowBits = 64;
 
-// Keep bits of the 64 elements 4*q0 .. 4*q0 + 63 (bit i: element 4*q0 + i).
-using KeepBitsFn = uint64_t (*)(uint64_t seed, uint64_t q0, float p);
+// Keep bits of the elements 4*q0 .. 4*q0 + 64*words - 1: bit i of out[j] is element
+// 4*q0 + 64*j + i.
+using KeepBitsFn = void (*)(uint64_t seed, uint64_t q0, float p, int64_t words, uint64_t* out);
 
-uint64_t keep_bits_portable(uint64_t seed, uint64_t q0, float p) {
-  uint64_t bits = 0;
-  for (int h = 0; h < 16; ++h) {
-    uint32_t words[4];
-    mask_words(seed, q0 + h, words);
-    for (int k = 0; k < 4; ++k) bits |= static_cast<uint64_t>(philox_uniform(words[k]) >= p) << (4 * h + k);
+void keep_bits_portable(uint64_t seed, uint64_t q0, float p, int64_t words, uint64_t* out) {
+  for (int64_t j = 0; j < words; ++j) {
+    uint64_t bits = 0;
+    for (int h = 0; h < 16; ++h) {
+      uint32_t w[4];
+      mask_words(seed, q0 + static_cast<uint64_t>(16 * j + h), w);
+      for (int k = 0; k < 4; ++k) bits |= static_cast<uint64_t>(philox_uniform(w[k]) >= p) << (4 * h + k);
+    }
+    out[j] = bits;
   }
-  return bits;
 }
 
 #if defined(SPECKLE_NOISE_LANES8)
@@ -46,27 +49,44 @@ inline uint64_t spread4(uint64_t m) {
   return (m | (m << 3)) & 0x1111111111111111ull;
 }
 
-template <int W>
-uint64_t keep_bits_lanes(uint64_t seed, uint64_t q0, float p) {
+// V vectors of W counters from q0 on: V*W/16 words of keep bits.
+template <int W, int V>
+inline void keep_bits_group(uint64_t seed, uint64_t q0, float p, uint64_t* out) {
   using L = lanes::Lanes<W>;
-  const typename L::F pv = L::set1(p);
-  uint64_t bits = 0;
-  for (int h = 0; h < 16; h += W) {
-    alignas(64) uint32_t c0[W], c1[W];
-    for (int l = 0; l < W; ++l) {
-      const uint64_t q = q0 + static_cast<uint64_t>(h + l);
-      c0[l] = static_cast<uint32_t>(q);
-      c1[l] = static_cast<uint32_t>(q >> 32);
-    }
-    typename L::U x0 = L::load(c0), x1 = L::load(c1), x2, x3;
-    lanes::philox_c2_zero<L>(seed, kMaskStream, x0, x1, x2, x3);
-    uint64_t b = spread4(L::to_bits(L::greater_equal(lanes::uniform<L>(x0), pv)));
-    b |= spread4(L::to_bits(L::greater_equal(lanes::uniform<L>(x1), pv))) << 1;
-    b |= spread4(L::to_bits(L::greater_equal(lanes::uniform<L>(x2), pv))) << 2;
-    b |= spread4(L::to_bits(L::greater_equal(lanes::uniform<L>(x3), pv))) << 3;
-    bits |= b << (4 * h);
+  using U = typename L::U;
+  alignas(64) uint32_t c0[V * W], c1[V * W];
+  for (int l = 0; l < V * W; ++l) {
+    const uint64_t q = q0 + static_cast<uint64_t>(l);
+    c0[l] = static_cast<uint32_t>(q);
+    c1[l] = static_cast<uint32_t>(q >> 32);
   }
-  return bits;
+  U x0[V], x1[V], x2[V], x3[V];
+  for (int v = 0; v < V; ++v) {
+    x0[v] = L::load(c0 + v * W);
+    x1[v] = L::load(c1 + v * W);
+  }
+  lanes::philox_c2_zero<L, V>(seed, kMaskStream, x0, x1, x2, x3);
+  const typename L::F pv = L::set1(p);
+  auto keep = [&](U r) { return spread4(L::to_bits(L::greater_equal(lanes::uniform<L>(r), pv))); };
+  for (int v = 0; v < V; ++v) {
+    const uint64_t b = keep(x0[v]) | keep(x1[v]) << 1 | keep(x2[v]) << 2 | keep(x3[v]) << 3;
+    if constexpr (W == 16) {
+      out[v] = b;
+    } else if (v % 2 == 0) {
+      out[v / 2] = b;
+    } else {
+      out[v / 2] |= b << 32;
+    }
+  }
+}
+
+// Four words a group where there are four (kGroup vectors interleaved), then one at a time.
+template <int W>
+void keep_bits_lanes(uint64_t seed, uint64_t q0, float p, int64_t words, uint64_t* out) {
+  constexpr int kGroup = 64 / W;  // vectors for four words
+  int64_t j = 0;
+  for (; j + 4 <= words; j += 4) keep_bits_group<W, kGroup>(seed, q0 + 16 * j, p, out + j);
+  for (; j < words; ++j) keep_bits_group<W, 16 / W>(seed, q0 + 16 * j, p, out + j);
 }
 #endif
 
@@ -148,7 +168,7 @@ struct BlockHooks {
       const DropoutParams& d = hk.block.dropout;
       const uint64_t e0 = d.offset + static_cast<uint64_t>(first), q0 = e0 >> 2;
       const int64_t words = (static_cast<int64_t>(e0 & 3) + len + kWindowBits - 1) / kWindowBits;
-      for (int64_t j = 0; j < words; ++j) buf[j] = hk.keep_bits(d.seed, q0 + 16 * j, d.p);
+      hk.keep_bits(d.seed, q0, d.p, words, buf.data());
       bit0 = static_cast<int64_t>(e0 & 3);
     }
 
@@ -187,7 +207,8 @@ struct BlockHooks {
         win_r1 = std::min((img + 1) * L, r + (aligned ? kWindowBits : kWindowBits - 3));
         for (int64_t cc = 0; cc < C; ++cc) {
           const uint64_t e0 = d.offset + static_cast<uint64_t>((img * C + cc) * L + l);
-          buf[cc] = hk.keep_bits(d.seed, e0 >> 2, d.p) >> (e0 & 3);
+          hk.keep_bits(d.seed, e0 >> 2, d.p, 1, &buf[cc]);
+          buf[cc] >>= e0 & 3;
         }
       }
       uint32_t bits = 0;

@@ -174,27 +174,33 @@ inline typename L::F uniform(typename L::U r) {
 }
 
 // Philox4x32-10 (bit-identical to philox4x32_10) of the counters (x0, x1, 0, c3) on every
-// lane, in place: x0..x3 become the output words. Round 1 is cut short: the c2 product is 0.
-template <class L>
-inline void philox_c2_zero(uint64_t seed, uint32_t c3, typename L::U& x0, typename L::U& x1,
-                           typename L::U& x2, typename L::U& x3) {
+// lane of V vectors, in place: x0..x3 become the output words. Round 1 is cut short: the c2
+// product is 0. V > 1 interleaves independent vectors: a round's multiply-xor chain is
+// latency-bound, so one vector alone leaves most of the core idle.
+template <class L, int V = 1>
+inline void philox_c2_zero(uint64_t seed, uint32_t c3, typename L::U* x0, typename L::U* x1,
+                           typename L::U* x2, typename L::U* x3) {
   using U = typename L::U;
   const U mul_a = L::set1(kPhiloxMulA), mul_b = L::set1(kPhiloxMulB);
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  L::mulhilo(mul_a, x0, x2, x3);
-  x2 = L::xor2(x2, L::set1(k1 ^ c3));
-  x0 = L::xor2(x1, L::set1(k0));
-  x1 = L::zero();
+  for (int v = 0; v < V; ++v) {
+    L::mulhilo(mul_a, x0[v], x2[v], x3[v]);
+    x2[v] = L::xor2(x2[v], L::set1(k1 ^ c3));
+    x0[v] = L::xor2(x1[v], L::set1(k0));
+    x1[v] = L::zero();
+  }
   for (int round = 1; round < kPhiloxRounds; ++round) {
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
-    U hi_a, lo_a, hi_b, lo_b;
-    L::mulhilo(mul_a, x0, hi_a, lo_a);
-    L::mulhilo(mul_b, x2, hi_b, lo_b);
-    x0 = L::xor3(hi_b, x1, L::set1(k0));
-    x2 = L::xor3(hi_a, x3, L::set1(k1));
-    x1 = lo_b;
-    x3 = lo_a;
+    for (int v = 0; v < V; ++v) {
+      U hi_a, lo_a, hi_b, lo_b;
+      L::mulhilo(mul_a, x0[v], hi_a, lo_a);
+      L::mulhilo(mul_b, x2[v], hi_b, lo_b);
+      x0[v] = L::xor3(hi_b, x1[v], L::set1(k0));
+      x2[v] = L::xor3(hi_a, x3[v], L::set1(k1));
+      x1[v] = lo_b;
+      x3[v] = lo_a;
+    }
   }
 }
 
@@ -209,7 +215,7 @@ void standard_noise_lanes(uint64_t seed, const uint32_t* c0, const uint32_t* c1,
   const F two_pi = L::set1(kTwoPi);
   for (int64_t l = 0; l < kLanes; l += W) {
     U x0 = L::load(c0 + l), x1 = L::load(c1 + l), x2, x3;
-    philox_c2_zero<L>(seed, 0, x0, x1, x2, x3);
+    philox_c2_zero<L>(seed, 0, &x0, &x1, &x2, &x3);
     const F rho0 = radius<L>(uniform<L>(x0));
     const F a = rayleigh ? L::mul(L::sub(rho0, L::set1(kRayleighMean)), L::set1(kRayleighInvStd))
                          : L::mul(rho0, cos_angle<L>(L::mul(two_pi, uniform<L>(x1))));
