@@ -18,10 +18,12 @@
 
 namespace speckle::cpu {
 
-// Plain BatchRenorm: no element hooks. local() gives the per-thread state of a hooks type.
+// Plain BatchRenorm: no element hooks. local() gives the per-thread state of a hooks type;
+// per_channel_saves_work() whether the hooks' work shrinks under the per-channel schedule.
 struct NoHooks {
   static constexpr bool kActive = false;
   NoHooks local() const { return {}; }
+  bool per_channel_saves_work() const { return false; }
 };
 
 // Per-channel inputs of the element passes (fp32, length C).

@@ -64,16 +64,19 @@ int64_t last_level_cache_bytes() {
   return bytes;
 }
 
+}  // namespace
+
 // Whether contiguous passes run one channel per task. It pays where the split schedule reads x
 // from memory twice, beyond the last-level cache, and on small tensors (<= 4 MB: one parallel
 // region instead of three); in between the split schedule's long contiguous streams win.
 // Measured with a 32 MB L3 in benchmarks/results/cpu-2026-11-25/cpu_paths.md (fp32: split
 // faster at 32 MB, per-channel at 64 MB and 1.35x at 128 MB, split 1.6x at 16 MB). Whole channels must
 // also balance across the threads (at most 1/8 of the thread time idle).
+// saves_work: the per-channel schedule also saves element work (the norm block's backward
+// regenerates its dropout mask once instead of twice; its forward's Philox runs beside a pass
+// from cache rather than from memory), so only the balance decides.
 // SPECKLE_CPU_RENORM_SCHEDULE=split|per-channel forces one (the tests run both).
-}  // namespace
-
-bool per_channel_schedule(const ChannelLayout& lay) {
+bool per_channel_schedule(const ChannelLayout& lay, bool saves_work) {
   if (const char* forced = std::getenv("SPECKLE_CPU_RENORM_SCHEDULE"); forced && *forced) {
     const bool split = std::strcmp(forced, "split") == 0, per_channel = std::strcmp(forced, "per-channel") == 0;
     TORCH_CHECK_VALUE(split || per_channel || std::strcmp(forced, "auto") == 0,
@@ -83,7 +86,7 @@ bool per_channel_schedule(const ChannelLayout& lay) {
   }
   if (lay.channels_last) return false;
   const int64_t bytes = static_cast<int64_t>(lay.x.nbytes());
-  if (bytes > kSmallBytes && bytes < 2 * last_level_cache_bytes()) return false;
+  if (!saves_work && bytes > kSmallBytes && bytes < 2 * last_level_cache_bytes()) return false;
   const int64_t threads = at::get_num_threads();
   const int64_t rounds = (lay.C + threads - 1) / threads;
   return 8 * rounds * threads <= 9 * lay.C;

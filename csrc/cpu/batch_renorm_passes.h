@@ -29,7 +29,7 @@ inline int64_t grain_for(int64_t elements_per_task) {
 }
 
 // Whether contiguous passes run one channel per task (batch_renorm_cpu.cpp).
-bool per_channel_schedule(const ChannelLayout& lay);
+bool per_channel_schedule(const ChannelLayout& lay, bool saves_work);
 
 // How an element pass splits into tasks. Contiguous: chunks of at most kTaskElements values of
 // one (n, c) plane; channels-last: blocks of `rows` rows of C values.
@@ -191,14 +191,14 @@ void per_channel_passes(const ChannelLayout& lay, const T* x, const T* dy, T* ou
             if (dy) prefetch_start(dy + at, L);
           }
         }
-        if constexpr (H::kActive) if (dy) h.chunk(c, off, len);
+        if constexpr (H::kActive) if (dy) h.chunk(c, off, len, k);
         partial[k] = chunk_partial(x + off, dy ? dy + off : nullptr, len, c, sum_coefs, h);
       });
       const Partial m = merge_channel(partial.data(), lay.N, nchunks, nchunks, dy != nullptr,
                                       [&](int64_t, int64_t j) { return tasks.chunk_len(j, L); });
       finalize(c, m.a, m.b);
-      for_each_chunk(c, [&](int64_t, int64_t off, int64_t len) {
-        if constexpr (H::kActive) h.chunk(c, off, len);
+      for_each_chunk(c, [&](int64_t k, int64_t off, int64_t len) {
+        if constexpr (H::kActive) h.chunk(c, off, len, k);
         chunk_affine(x + off, dy ? dy + off : nullptr, out + off, len, c, affine_coefs, h);
       });
     }
@@ -249,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor> renorm_forward(
                                     st + kShift * C};
     const scalar_t* no_dy = nullptr;
     scalar_t* out = stats_only ? nullptr : y.mutable_data_ptr<scalar_t>();
-    if (training && !stats_only && per_channel_schedule(lay)) {
+    if (training && !stats_only && per_channel_schedule(lay, hooks.per_channel_saves_work())) {
       per_channel_passes(lay, x, no_dy, out, sum_coefs, affine_coefs, finalize, hooks);
       return;
     }
@@ -291,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> renorm_backward(
     const ChannelCoefs affine_coefs{st + kPivot * C, st + kMeanOffset * C, g + kGradB * C,
                                     g + kGradA * C, g + kGradMeanDy * C};
     scalar_t* out = dx.mutable_data_ptr<scalar_t>();
-    if (per_channel_schedule(lay)) {
+    if (per_channel_schedule(lay, hooks.per_channel_saves_work())) {
       per_channel_passes(lay, x, d, out, sum_coefs, affine_coefs, finalize, hooks);
       return;
     }
