@@ -153,7 +153,7 @@ struct BlockHooks {
     fVec sc{0.0f}, sh{0.0f};
 
     explicit Local(const BlockHooks& h)
-        : hk(h), buf(h.lay.channels_last ? h.lay.C : kChunkWords) {}
+        : hk(h), buf(h.lay.channels_last ? h.lay.C + kW : kChunkWords) {}  // + kW: row_bits reads kW
 
     bool drop() const { return hk.block.dropout.active; }
     bool act() const { return hk.block.activation != kIdentity; }
@@ -230,10 +230,17 @@ struct BlockHooks {
           buf[cc] >>= e0 & 3;
         }
       }
-      uint32_t bits = 0;
       const int64_t k = r - win_r0;
+#if defined(__AVX512F__)
+      (void)n;  // bits past n select lanes that are never stored
+      const __m512i bit = _mm512_set1_epi64(static_cast<long long>(uint64_t{1} << k));
+      return _mm512_test_epi64_mask(_mm512_loadu_si512(buf.data() + c), bit) |
+             static_cast<uint32_t>(_mm512_test_epi64_mask(_mm512_loadu_si512(buf.data() + c + 8), bit)) << 8;
+#else
+      uint32_t bits = 0;
       for (int64_t j = 0; j < n; ++j) bits |= static_cast<uint32_t>((buf[c + j] >> k) & 1) << j;
       return bits;
+#endif
     }
 
     void out_cl(int64_t r, int64_t c, int64_t n, fVec& y0, fVec& y1) {
