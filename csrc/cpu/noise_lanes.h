@@ -51,6 +51,7 @@ struct Lanes<8> {
   static M greater(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
   static M greater_equal(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_GE_OQ); }
   static F select(M m, F if_true, F if_false) { return _mm256_blendv_ps(if_false, if_true, m); }
+  static uint32_t to_bits(M m) { return static_cast<uint32_t>(_mm256_movemask_ps(m)); }
   static U plus_one_where(U a, M m) { return _mm256_sub_epi32(a, _mm256_castps_si256(m)); }
   static U bits(F a) { return _mm256_castps_si256(a); }
   static F from_bits(U a) { return _mm256_castsi256_ps(a); }
@@ -94,6 +95,7 @@ struct Lanes<16> {
   static M greater(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
   static M greater_equal(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
   static F select(M m, F if_true, F if_false) { return _mm512_mask_blend_ps(m, if_false, if_true); }
+  static uint32_t to_bits(M m) { return static_cast<uint32_t>(m); }
   static U plus_one_where(U a, M m) { return _mm512_mask_add_epi32(a, m, a, _mm512_set1_epi32(1)); }
   static U bits(F a) { return _mm512_castps_si512(a); }
   static F from_bits(U a) { return _mm512_castsi512_ps(a); }
@@ -171,6 +173,37 @@ inline typename L::F uniform(typename L::U r) {
   return L::mul(L::to_float(L::xor2(r, L::shift_right_signed32(r, 31))), L::set1(kUniformScale));
 }
 
+// Philox4x32-10 (bit-identical to philox4x32_10) of the counters (x0, x1, 0, c3) on every
+// lane of V vectors, in place: x0..x3 become the output words. Round 1 is cut short: the c2
+// product is 0. V > 1 interleaves independent vectors: a round's multiply-xor chain is
+// latency-bound, so one vector alone leaves most of the core idle.
+template <class L, int V = 1>
+inline void philox_c2_zero(uint64_t seed, uint32_t c3, typename L::U* x0, typename L::U* x1,
+                           typename L::U* x2, typename L::U* x3) {
+  using U = typename L::U;
+  const U mul_a = L::set1(kPhiloxMulA), mul_b = L::set1(kPhiloxMulB);
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int v = 0; v < V; ++v) {
+    L::mulhilo(mul_a, x0[v], x2[v], x3[v]);
+    x2[v] = L::xor2(x2[v], L::set1(k1 ^ c3));
+    x0[v] = L::xor2(x1[v], L::set1(k0));
+    x1[v] = L::zero();
+  }
+  for (int round = 1; round < kPhiloxRounds; ++round) {
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+    for (int v = 0; v < V; ++v) {
+      U hi_a, lo_a, hi_b, lo_b;
+      L::mulhilo(mul_a, x0[v], hi_a, lo_a);
+      L::mulhilo(mul_b, x2[v], hi_b, lo_b);
+      x0[v] = L::xor3(hi_b, x1[v], L::set1(k0));
+      x2[v] = L::xor3(hi_a, x3[v], L::set1(k1));
+      x1[v] = lo_b;
+      x3[v] = lo_a;
+    }
+  }
+}
+
 // n1, n2 of the kLanes consecutive elements whose counters are (c0[l], c1[l], 0, 0):
 // Philox4x32-10 (bit-identical to philox4x32_10), then Box-Muller (or Rayleigh for n1).
 template <int W, int64_t kLanes>
@@ -179,27 +212,10 @@ void standard_noise_lanes(uint64_t seed, const uint32_t* c0, const uint32_t* c1,
   using L = Lanes<W>;
   using U = typename L::U;
   using F = typename L::F;
-  const U mul_a = L::set1(kPhiloxMulA), mul_b = L::set1(kPhiloxMulB);
   const F two_pi = L::set1(kTwoPi);
   for (int64_t l = 0; l < kLanes; l += W) {
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    // Round 1 on (c0, c1, 0, 0): the c2 product is 0.
     U x0 = L::load(c0 + l), x1 = L::load(c1 + l), x2, x3;
-    L::mulhilo(mul_a, x0, x2, x3);
-    x2 = L::xor2(x2, L::set1(k1));
-    x0 = L::xor2(x1, L::set1(k0));
-    x1 = L::zero();
-    for (int round = 1; round < kPhiloxRounds; ++round) {
-      k0 += kPhiloxKeyA;
-      k1 += kPhiloxKeyB;
-      U hi_a, lo_a, hi_b, lo_b;
-      L::mulhilo(mul_a, x0, hi_a, lo_a);
-      L::mulhilo(mul_b, x2, hi_b, lo_b);
-      x0 = L::xor3(hi_b, x1, L::set1(k0));
-      x2 = L::xor3(hi_a, x3, L::set1(k1));
-      x1 = lo_b;
-      x3 = lo_a;
-    }
+    philox_c2_zero<L>(seed, 0, &x0, &x1, &x2, &x3);
     const F rho0 = radius<L>(uniform<L>(x0));
     const F a = rayleigh ? L::mul(L::sub(rho0, L::set1(kRayleighMean)), L::set1(kRayleighInvStd))
                          : L::mul(rho0, cos_angle<L>(L::mul(two_pi, uniform<L>(x1))));

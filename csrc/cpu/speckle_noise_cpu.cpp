@@ -4,7 +4,8 @@
 // lanes (noise_lanes.h: 16 lanes with AVX-512, 8 with AVX2; both give the same bits), then y is
 // formed and rounded to the output dtype. A portable path (scalar Philox rounds, Sleef's log
 // and cos through at::vec) serves builds without AVX2. SPECKLE_CPU_NOISE_LANES=16|8|1 picks
-// one of the built paths (1: the portable one; the tests run each). Every value depends only on
+// one of the built paths (1: the portable one; the tests run each); the dropout mask of
+// batch_renorm_act_cpu.cpp follows the same choice. Every value depends only on
 // (seed, offset, flat index), so the split into parallel tasks changes nothing.
 #include <ATen/Parallel.h>
 
@@ -63,17 +64,12 @@ const std::vector<std::pair<int64_t, StandardNoiseFn>>& built_paths() {
   return paths;
 }
 
-// The widest built path, or the one SPECKLE_CPU_NOISE_LANES names.
 StandardNoiseFn standard_noise_path() {
-  const auto& paths = built_paths();
-  const char* env = std::getenv("SPECKLE_CPU_NOISE_LANES");
-  if (env == nullptr || *env == '\0') return paths.front().second;
-  std::string built;
-  for (const auto& [width, fn] : paths) {
-    if (std::to_string(width) == env) return fn;
-    built += (built.empty() ? "" : ", ") + std::to_string(width);
+  const int64_t width = philox_lane_width();
+  for (const auto& [w, fn] : built_paths()) {
+    if (w == width) return fn;
   }
-  TORCH_CHECK_VALUE(false, "SPECKLE_CPU_NOISE_LANES must name a built path (", built, "), got '", env, "'");
+  return built_paths().back().second;
 }
 
 // n1, n2 for elements e0 .. e0 + kLanes - 1 (the caller stores only those it needs).
@@ -161,6 +157,19 @@ void speckle_noise(const at::Tensor& src, at::Tensor& out, at::Tensor* clean, in
                                         nullptr, numel, per_image, factor_sigma, prm, standard_noise);
     }
   });
+}
+
+// The widest built path, or the one SPECKLE_CPU_NOISE_LANES names.
+int64_t philox_lane_width() {
+  const auto& paths = built_paths();
+  const char* env = std::getenv("SPECKLE_CPU_NOISE_LANES");
+  if (env == nullptr || *env == '\0') return paths.front().first;
+  std::string built;
+  for (const auto& path : paths) {
+    if (std::to_string(path.first) == env) return path.first;
+    built += (built.empty() ? "" : ", ") + std::to_string(path.first);
+  }
+  TORCH_CHECK_VALUE(false, "SPECKLE_CPU_NOISE_LANES must name a built path (", built, "), got '", env, "'");
 }
 
 std::vector<int64_t> noise_lane_widths() {
