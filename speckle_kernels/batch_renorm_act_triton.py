@@ -41,7 +41,7 @@ import torch
 
 from ._backend import HAS_TRITON, kernel_input
 from .batch_renorm_triton import (AFFINE_NUM_WARPS, FINALIZE_BLOCK_C, FINALIZE_BLOCK_P, N_GRADS, SUMS_NUM_WARPS, TILE_ELEMENTS,
-                                  _batch_renorm_backward_finalize_kernel, _cdiv, _next_power_of_2,
+                                  _cdiv, _next_power_of_2,
                                   _normalize_grads, _programs_for_reduction,
                                   batch_renorm_statistics, batch_renorm_triton_statistics)
 from .schedules import RenormSchedule
@@ -50,7 +50,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .batch_renorm_triton import (_GRAD_A, _GRAD_B, _GRAD_MEAN_DY, _STAT_MEAN_OFFSET, _STAT_PIVOT,
+    from .batch_renorm_triton import (_GRAD_A, _batch_renorm_backward_finalize_kernel, _GRAD_B, _GRAD_MEAN_DY, _STAT_MEAN_OFFSET, _STAT_PIVOT,
                                       _STAT_SCALE, _STAT_SHIFT, _per_channel, _tile_sum)
     from .noise_triton import _uniform
 

@@ -162,12 +162,16 @@ def test_block_network_trains_like_the_layer_by_layer_one():
     # Br-U-Net with the norm blocks (C++ kernels) against the paper's layer-by-layer network
     # (reference BatchRenorm, then nn.LeakyReLU), 20 Adamax steps from the same weights and the
     # same nn.Dropout draws. Each step's kernels differ from the reference by float32 rounding
-    # (~1e-6 relative); 20 steps of a contracting optimization keep the losses within 1e-4.
+    # (~1e-6 relative); 20 steps keep the losses within 1e-4 and the trained networks' outputs
+    # within 1e-3. Parameters are not compared one by one: a convolution bias in front of a
+    # norm has a true gradient of 0, so Adamax moves it by lr-sized steps of rounding noise,
+    # differently in every implementation, without changing the function.
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(11)
     batches = [(torch.rand(4, 1, 32, 32, generator=g) * 2 - 1) for _ in range(5)]
-    losses = {}
+    probe = torch.rand(4, 1, 32, 32, generator=g) * 2 - 1
+    losses, outputs = {}, {}
     for norm in ("fused", "reference"):
         torch.manual_seed(0)
         model = build_model("br-unet", norm=norm, width=4)
@@ -182,14 +186,11 @@ def test_block_network_trains_like_the_layer_by_layer_one():
             loss.backward()
             opt.step()
             losses[norm].append(loss.item())
-        if norm == "fused":
-            fused_state = model.state_dict()
-        else:
-            ref_state = model.state_dict()
+        model.eval()
+        with torch.no_grad():
+            outputs[norm] = model(probe)
     assert losses["fused"][-1] < losses["fused"][0]  # it trains
     torch.testing.assert_close(torch.tensor(losses["fused"]), torch.tensor(losses["reference"]),
                                rtol=1e-4, atol=0)
-    for key, value in ref_state.items():
-        if value.is_floating_point():
-            scale = value.abs().max().item() + 1e-12
-            assert (fused_state[key] - value).abs().max().item() <= 1e-3 * scale, key
+    scale = outputs["reference"].abs().max().item()
+    assert (outputs["fused"] - outputs["reference"]).abs().max().item() <= 1e-3 * scale

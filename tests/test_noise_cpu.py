@@ -128,7 +128,7 @@ def test_standard_normals_against_the_stream_in_float64(lanes):
     # stream) by ~6 ulp relative through rho and the products, plus 2 ulp of 1 times rho through
     # cos: bound 8 * 2^-24 * |n| + 2^-22 * rho.
     from speckle_kernels.noise_stream import U32 as _U32
-    from speckle_kernels.reference import _uniform_torch, philox4x32_10
+    from speckle_kernels.noise_stream import philox4x32_10, uniform_torch
 
     numel, seed, offset = 1 << 20, 20251125, 3
     e = offset + torch.arange(numel, dtype=torch.int64)
@@ -136,8 +136,8 @@ def test_standard_normals_against_the_stream_in_float64(lanes):
     r0, r1, r2, r3 = philox4x32_10(seed, e & _U32, e >> 32, zero, zero)
 
     def oracle(ru, rc):
-        u = _uniform_torch(ru).clamp_min(1e-7).double()
-        theta = (torch.tensor(6.283185307179586, dtype=torch.float32) * _uniform_torch(rc)).double()
+        u = uniform_torch(ru).clamp_min(1e-7).double()
+        theta = (torch.tensor(6.283185307179586, dtype=torch.float32) * uniform_torch(rc)).double()
         rho = torch.sqrt(-2.0 * torch.log(u))
         return rho * torch.cos(theta), rho
 

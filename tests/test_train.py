@@ -21,6 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "quick", "--image-size", "16", "--count", "24", "--test-count", "8",
         "--epochs", "1", "--batch-size", "4", "--width", "4", "--device", "cpu", "--no-progress"]
 
+# the per-epoch columns that are measurements of time, not of the training
+TIMINGS = ("epoch_time_s", "images_per_s", "train_tflops", "bf16_peak_fraction")
+
 
 def tiny_config(out, **kw):
     base = dict(model="br-unet", out=str(out), noise_factor=5.0, epochs=2, batch_size=4, width=4,
@@ -36,7 +39,7 @@ def _equal_state(a, b):
 
 
 def _strip_times(history):
-    return [{k: v for k, v in h.items() if k not in ("epoch_time_s", "images_per_s")} for h in history]
+    return [{k: v for k, v in h.items() if k not in TIMINGS} for h in history]
 
 
 @pytest.mark.parametrize("model,norm", [("br-unet", "fused"), ("di-conv-ae", None)])
@@ -67,7 +70,8 @@ def test_checkpoint_and_metrics_files(tmp_path, tiny_data):
     assert ckpt["format"] == C.CHECKPOINT_FORMAT and ckpt["epoch"] == 1
     doc = json.loads((tmp_path / "metrics.json").read_text())
     assert [h["epoch"] for h in doc["history"]] == [1]
-    assert {"train_loss", "val_loss", "val_psnr", "val_ssim", "epoch_time_s"} <= set(doc["history"][0])
+    assert {"train_loss", "val_loss", "val_psnr", "val_ssim", "epoch_time_s", "train_tflops",
+            "bf16_peak_fraction"} <= set(doc["history"][0])
     assert (tmp_path / "metrics.csv").read_text().startswith("epoch,train_loss,val_loss")
     for name in ("train_loss.png", "train_samples.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
