@@ -133,7 +133,8 @@ def check_block(name: str, module: nn.Module, x: torch.Tensor, dy: torch.Tensor,
 
 def _check_against_eager(compiled, x: torch.Tensor, dy: torch.Tensor) -> None:
     """torch.compile's Sequential against the eager one: y and every gradient where its own
-    dropout mask kept the element (y != 0), and a dropped fraction near p. The first call
+    dropout mask kept the element (y != 0) and z is clear of the activation's kink, and a
+    dropped fraction near p. The first call
     compiles; the eager twin starts from the same parameters and buffers."""
     eager = copy.deepcopy(getattr(compiled, "_orig_mod", compiled))
     xc = x.detach().clone().requires_grad_()
@@ -143,13 +144,18 @@ def _check_against_eager(compiled, x: torch.Tensor, dy: torch.Tensor) -> None:
     dropped = 1 - kept.float().mean().item()
     if abs(dropped - DROPOUT) > 0.01 + 5 * (DROPOUT / kept.numel()) ** 0.5:
         raise AssertionError(f"dropped fraction {dropped:.4f}, p = {DROPOUT}")
-    ye = torch.where(kept, eager[1](eager[0](xe)) / (1 - DROPOUT), torch.zeros_like(xe))
+    ze = eager[0](xe)
+    ye = torch.where(kept, eager[1](ze) / (1 - DROPOUT), torch.zeros_like(xe))
     tol = ULP[x.dtype]
+    # at the LeakyReLU's kink the two may round z to opposite signs (slopes 1 and 0.1): such
+    # elements' dx are not compared
+    clear = ze.detach().abs() > 8 * tol * ze.detach().abs().max()
     scale = ye.detach().abs().max().item()
     assert_close(yc, ye, atol=2 * tol * scale, rtol=2 * tol, name="compiled y")
     gc = torch.autograd.grad(yc, (xc, *compiled.parameters()), dy)
     ge = torch.autograd.grad(ye, (xe, *eager.parameters()), dy)
-    assert_close(gc[0], ge[0], atol=4 * tol * ge[0].abs().max().item(), rtol=4 * tol, name="compiled dx")
+    assert_close(gc[0][clear], ge[0][clear], atol=4 * tol * ge[0].abs().max().item(), rtol=4 * tol,
+                 name="compiled dx")
     # dweight and dbias sum N*H*W terms of size |dy| (|x_hat| + 1): bounded by their sum
     dims = [0] + list(range(2, x.dim()))
     terms = dy.double().abs().sum(dims).max().item() * 5

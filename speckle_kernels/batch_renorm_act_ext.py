@@ -84,11 +84,15 @@ def batch_renorm_act(x, weight, bias, running_mean, running_std, num_batches_tra
                      d_max: RenormSchedule, activation: int, negative_slope: float, dropout: float,
                      rng: torch.Tensor, decomposed: bool = False) -> torch.Tensor:
     """The norm block through the C++/CUDA kernels; updates the running buffers when training.
-    decomposed: design (b), the element pass as torch ops (see batch_renorm_act.py)."""
+
+    decomposed: design (b), the element pass as torch ops, instead of (a), the fused forward
+    op. (a) is the default: in a compiled Br-U-Net training step (blocks without dropout) the two
+    took the same time within the machine's noise (b/a from 0.89 to 1.02 over five runs), and
+    with dropout (b)'s mask in torch integer ops made a compiled block 9x slower
+    (benchmarks/results/cpu-2026-12-02/compile_designs.md)."""
     fn = BatchRenormActDecomposedFunction if decomposed else BatchRenormActExtFunction
-    return fn.apply(x, weight, bias, running_mean, running_std,
-                                           num_batches_tracked, training, momentum, eps, r_max, d_max,
-                                           activation, negative_slope, dropout, rng)
+    return fn.apply(x, weight, bias, running_mean, running_std, num_batches_tracked, training,
+                    momentum, eps, r_max, d_max, activation, negative_slope, dropout, rng)
 
 
 if _ext.HAS_CPU_EXT:

@@ -189,16 +189,25 @@ def run(backend: str, d: Draw, *, dtype: torch.dtype | None = None) -> dict:
                 out.setdefault("mean_terms", []).append(d.case.momentum * x.abs().max().item())
         y = batch_renorm(x, *state.buffers(), *params, training=training, momentum=d.case.momentum,
                          eps=d.case.eps, r_max=RMAX_SCHEDULE, d_max=DMAX_SCHEDULE, backend=backend)
-        wanted = [x] + [p for p in params if p is not None]
-        grads = torch.autograd.grad(y, wanted, dy)
-        out["y"].append(y.detach())
-        out["dx"].append(grads[0])
-        if state.weight is not None:
-            out["dweight"].append(grads[1])
-            out["dbias"].append(grads[2])
-        for p in params:
-            if p is not None:
-                p.requires_grad_(False)
+        record_step(out, y, torch.autograd.grad(y, [x] + [p for p in params if p is not None], dy), params)
+    return finish_run(out, state, d)
+
+
+def record_step(out: dict, y: torch.Tensor, grads, params) -> None:
+    """Appends a step's y and gradients (x first, then weight and bias when present) to `out`
+    and takes the parameters out of autograd again."""
+    out["y"].append(y.detach())
+    out["dx"].append(grads[0])
+    if params[0] is not None:
+        out["dweight"].append(grads[1])
+        out["dbias"].append(grads[2])
+    for p in params:
+        if p is not None:
+            p.requires_grad_(False)
+
+
+def finish_run(out: dict, state: State, d: Draw) -> dict:
+    """The final buffers and the layout check of a run."""
     out["running_mean"] = [state.running_mean.clone()]
     out["running_std"] = [state.running_std.clone()]
     out["num_batches_tracked"] = int(state.num_batches_tracked)

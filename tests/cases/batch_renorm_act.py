@@ -92,20 +92,8 @@ def run(backend: str, case: BlockCase, d: kit.Draw) -> dict:
                              eps=d.case.eps, r_max=RMAX_SCHEDULE, d_max=DMAX_SCHEDULE,
                              activation=case.activation, negative_slope=case.negative_slope,
                              dropout=case.dropout, rng=rng, backend=backend)
-        grads = torch.autograd.grad(y, [x] + [p for p in params if p is not None], dy)
-        out["y"].append(y.detach())
-        out["dx"].append(grads[0])
-        if state.weight is not None:
-            out["dweight"].append(grads[1])
-            out["dbias"].append(grads[2])
-        for p in params:
-            if p is not None:
-                p.requires_grad_(False)
-    out["running_mean"] = [state.running_mean.clone()]
-    out["running_std"] = [state.running_std.clone()]
-    out["num_batches_tracked"] = int(state.num_batches_tracked)
-    out["layout_ok"] = all(y.stride() == x.stride() for y, x in zip(out["y"], d.xs))
-    return out
+        kit.record_step(out, y, torch.autograd.grad(y, [x] + [p for p in params if p is not None], dy), params)
+    return kit.finish_run(out, state, d)
 
 
 def truth(case: BlockCase, d: kit.Draw, positive: list[torch.Tensor] | None = None) -> dict:
@@ -136,18 +124,8 @@ def truth(case: BlockCase, d: kit.Draw, positive: list[torch.Tensor] | None = No
             terms = torch.maximum(terms, params[1].abs().max())
         scale = 1 / (1 - case.dropout) if training and case.dropout > 0 else 1.0
         out.setdefault("y_terms", []).append(terms.item() * scale)
-        out["y"].append(a.detach())
-        out["dx"].append(grads[0])
-        if state.weight is not None:
-            out["dweight"].append(grads[1])
-            out["dbias"].append(grads[2])
-        for p in params:
-            if p is not None:
-                p.requires_grad_(False)
-    out["running_mean"] = [state.running_mean.clone()]
-    out["running_std"] = [state.running_std.clone()]
-    out["num_batches_tracked"] = int(state.num_batches_tracked)
-    return out
+        kit.record_step(out, a, grads, params)
+    return kit.finish_run(out, state, d)
 
 
 def kit_view(z: torch.Tensor) -> list[int]:
