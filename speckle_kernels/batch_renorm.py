@@ -17,7 +17,7 @@ from . import _ext, batch_renorm_ext, batch_renorm_triton
 from ._backend import resolve_backend
 from .schedules import DMAX_SCHEDULE, RMAX_SCHEDULE, RenormSchedule
 
-__all__ = ["batch_renorm", "check_inputs"]
+__all__ = ["batch_renorm", "check_inputs", "choose_backend"]
 
 
 def check_inputs(x, running_mean, running_std, num_batches_tracked, weight, bias, momentum, eps):
@@ -48,6 +48,18 @@ def check_inputs(x, running_mean, running_std, num_batches_tracked, weight, bias
         raise ValueError(f"eps must be >= 0, got {eps}")
 
 
+def choose_backend(backend: str, x: torch.Tensor) -> str:
+    """The backend that runs x: _backend.resolve_backend's rule with the extensions built here;
+    float64 runs the reference under "auto" and is refused by a fused backend asked for."""
+    chosen = resolve_backend(backend, x.device, has_cpu_ext=_ext.HAS_CPU_EXT,
+                             has_cuda_ext=_ext.HAS_CUDA_EXT)
+    if chosen != "reference" and x.dtype == torch.float64:
+        if backend != "auto":
+            raise TypeError(f"backend={backend!r} supports float32, float16 and bfloat16, got {x.dtype}")
+        chosen = "reference"
+    return chosen
+
+
 def batch_renorm(
     x: torch.Tensor,
     running_mean: torch.Tensor,
@@ -69,12 +81,7 @@ def batch_renorm(
     "triton", "cuda", "cpu" or "reference".
     """
     check_inputs(x, running_mean, running_std, num_batches_tracked, weight, bias, momentum, eps)
-    chosen = resolve_backend(backend, x.device, has_cpu_ext=_ext.HAS_CPU_EXT,
-                             has_cuda_ext=_ext.HAS_CUDA_EXT)
-    if chosen != "reference" and x.dtype == torch.float64:
-        if backend != "auto":
-            raise TypeError(f"backend={backend!r} supports float32, float16 and bfloat16, got {x.dtype}")
-        chosen = "reference"
+    chosen = choose_backend(backend, x)
     if chosen == "reference":
         from .reference import batch_renorm_reference
         return batch_renorm_reference(x, running_mean, running_std, num_batches_tracked, weight, bias,

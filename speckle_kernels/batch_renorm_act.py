@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _ext, batch_renorm_act_ext, batch_renorm_act_triton
-from ._backend import resolve_backend
-from .batch_renorm import check_inputs
+from . import batch_renorm_act_ext, batch_renorm_act_triton
+from .batch_renorm import check_inputs, choose_backend
 from .norm_block import ACTIVATION_CODES, check_block_args, check_rng, mask_is_active
 from .schedules import DMAX_SCHEDULE, RMAX_SCHEDULE, RenormSchedule
 
@@ -51,20 +50,13 @@ def batch_renorm_act(
     """
     check_inputs(x, running_mean, running_std, num_batches_tracked, weight, bias, momentum, eps)
     check_block_args(activation, negative_slope, dropout)
-    if mask_is_active(training, dropout):
-        if rng is None:
-            raise ValueError(f"dropout={dropout} in training needs rng, the (seed, offset) int64 tensor")
+    if rng is not None:
         check_rng(rng, x.device)
-    elif rng is None:
-        rng = torch.zeros(2, dtype=torch.int64, device=x.device)  # unread: no mask
+    elif mask_is_active(training, dropout):
+        raise ValueError(f"dropout={dropout} in training needs rng, the (seed, offset) int64 tensor")
     else:
-        check_rng(rng, x.device)
-    chosen = resolve_backend(backend, x.device, has_cpu_ext=_ext.HAS_CPU_EXT,
-                             has_cuda_ext=_ext.HAS_CUDA_EXT)
-    if chosen != "reference" and x.dtype == torch.float64:
-        if backend != "auto":
-            raise TypeError(f"backend={backend!r} supports float32, float16 and bfloat16, got {x.dtype}")
-        chosen = "reference"
+        rng = torch.zeros(2, dtype=torch.int64, device=x.device)  # unread: no mask
+    chosen = choose_backend(backend, x)
     common = dict(training=bool(training), momentum=float(momentum), eps=float(eps), r_max=r_max, d_max=d_max)
     if chosen == "reference":
         from .reference import batch_renorm_act_reference

@@ -26,10 +26,16 @@ class BatchRenormActExtFunction(torch.autograd.Function):
         y, stats = torch.ops.speckle_kernels.batch_renorm_act_forward(
             x, weight, bias, running_mean, running_std, num_batches_tracked, training, momentum, eps,
             r_max.as_list(), d_max.as_list(), activation, negative_slope, dropout, rng)
-        ctx.save_for_backward(x, weight, stats, rng)
-        ctx.block = (training, activation, negative_slope, dropout)
-        ctx.has_bias = bias is not None
+        BatchRenormActExtFunction.keep_for_backward(ctx, x, weight, bias, stats, rng,
+                                                    (training, activation, negative_slope, dropout))
         return y
+
+    @staticmethod
+    def keep_for_backward(ctx, x, weight, bias, stats, rng, block) -> None:
+        """x, weight, the stats and the rng snapshot: all the backward op reads."""
+        ctx.save_for_backward(x, weight, stats, rng)
+        ctx.block = block
+        ctx.has_bias = bias is not None
 
     @staticmethod
     def backward(ctx, dy):
@@ -73,9 +79,8 @@ class BatchRenormActDecomposedFunction(BatchRenormActExtFunction):
             x, weight, bias, running_mean, running_std, num_batches_tracked, training, momentum, eps,
             r_max.as_list(), d_max.as_list())
         y = apply_block_pointwise(x, stats, activation, negative_slope, dropout if training else 0.0, rng)
-        ctx.save_for_backward(x, weight, stats, rng)
-        ctx.block = (training, activation, negative_slope, dropout)
-        ctx.has_bias = bias is not None
+        BatchRenormActExtFunction.keep_for_backward(ctx, x, weight, bias, stats, rng,
+                                                    (training, activation, negative_slope, dropout))
         return y
 
 

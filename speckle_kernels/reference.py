@@ -26,7 +26,7 @@ import torch
 
 from .noise_stream import (RAYLEIGH_MEAN, RAYLEIGH_STD, TINY_UNIFORM, U32, check_counter, check_distribution,
                            philox4x32_10, uniform_torch)
-from .norm_block import ACTIVATIONS, dropout_keep_mask, dropout_scale
+from .norm_block import check_block_args, dropout_keep_mask, dropout_scale
 from .schedules import DMAX_SCHEDULE, RMAX_SCHEDULE, RenormSchedule, renorm_correction, update_running_stats
 
 
@@ -208,10 +208,7 @@ def batch_renorm_act_reference(x, running_mean, running_std, num_batches_tracked
                                activation: str = "leaky_relu", negative_slope: float = 0.1,
                                dropout: float = 0.0, seed=0, offset=0) -> torch.Tensor:
     """batch_renorm_reference, then the activation, then dropout with dropout_keep_mask."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must lie in [0, 1), got {dropout!r}")
+    check_block_args(activation, negative_slope, dropout)
     y = batch_renorm_reference(x, running_mean, running_std, num_batches_tracked, weight, bias,
                                training=training, momentum=momentum, eps=eps, r_max=r_max, d_max=d_max)
     if activation == "relu":

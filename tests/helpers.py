@@ -18,3 +18,13 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, r
         worst = (actual - expected).abs().max().item()
         raise AssertionError(f"{name}: {int(bad.sum())} of {bad.numel()} elements differ "
                              f"(atol={atol:.3g}, rtol={rtol:.3g}, max abs diff {worst:.3g}):\n" + "\n".join(lines))
+
+
+def forbid_host_sync(monkeypatch) -> None:
+    """Make .item(), .tolist() and bool() on a tensor raise: each would synchronize with the
+    device, which a layer's forward and backward must not do."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host synchronization in the layer")
+
+    for name in ("item", "tolist", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)

@@ -24,7 +24,8 @@ import pytest
 import torch
 
 from speckle_kernels import _ext
-from speckle_kernels.reference import ACTIVATIONS, batch_renorm_act_reference, dropout_keep_mask, dropout_scale
+from speckle_kernels.norm_block import ACTIVATIONS
+from speckle_kernels.reference import batch_renorm_act_reference, dropout_keep_mask, dropout_scale
 from speckle_kernels.schedules import DMAX_SCHEDULE, RMAX_SCHEDULE
 
 pytestmark = pytest.mark.skipif(

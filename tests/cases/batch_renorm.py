@@ -307,9 +307,17 @@ def judge(backend: str, d: Draw, *, reference: dict | None = None, truth: dict |
     err = errors(result, truth)
     ref_err = pooled_max(errors(reference, truth), (errors(run("reference", e), run("reference", e, dtype=torch.float64))
                                                     for e in extra_draws(d)))
+    return verdict(backend, d, result, truth, err, ref_err)
+
+
+def verdict(backend: str, d: Draw, result: dict, truth: dict, err: dict, ref_err: dict,
+            extra_failures: list[str] = ()) -> Verdict:
+    """The bound of every quantity, and every way the run fails: an error above its bound,
+    num_batches_tracked, the output's layout and dtype."""
     bound = bounds(ref_err, truth, d.case.dtype)
     failures = [f"{q} error {err[q]:.3g} > bound {bound[q]:.3g} (reference {ref_err[q]:.3g})"
                 for q in QUANTITIES if not err[q] <= bound[q]]
+    failures += list(extra_failures)
     if result["num_batches_tracked"] != truth["num_batches_tracked"]:
         failures.append(f"num_batches_tracked {result['num_batches_tracked']} != {truth['num_batches_tracked']}")
     if not result["layout_ok"]:
