@@ -92,7 +92,7 @@ def batch_renorm_act(x, weight, bias, running_mean, running_std, num_batches_tra
 
     decomposed: design (b), the element pass as torch ops, instead of (a), the fused forward
     op. (a) is the default: in a compiled Br-U-Net training step (blocks without dropout) the two
-    took the same time within the machine's noise (b/a from 0.89 to 1.02 over five runs), and
+    took the same time (b/a = 1.01 in the committed run, within the machine's noise), and
     with dropout (b)'s mask in torch integer ops made a compiled block 9x slower
     (benchmarks/results/cpu-2026-12-02/compile_designs.md)."""
     fn = BatchRenormActDecomposedFunction if decomposed else BatchRenormActExtFunction
