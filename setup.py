@@ -1,8 +1,8 @@
-"""Build and install speckle-kernels.
+"""Build speckle-kernels' C++/CUDA extensions (metadata and extras: pyproject.toml).
 
-The Python package works alone (Triton on CUDA, the plain-PyTorch reference elsewhere). The C++
-extensions in csrc/ are built against the torch that is installed, so install with
-`pip install --no-build-isolation .`; without a compiler the package still imports and falls back.
+The extensions in csrc/ are built against the torch that is installed, so
+`pip install --no-build-isolation .` builds them at install time; without torch at build time
+(pip's default build isolation) none is built here and the package builds them on first use.
 """
 import glob
 import os
@@ -77,38 +77,11 @@ def _extensions():
 
 _EXT_MODULES, _CMDCLASS = _extensions()
 
+# Metadata, dependencies, extras and entry points are in pyproject.toml. The packages are listed
+# here because speckle_models maps onto models/ and its subpackages must be named one by one.
 setup(
-    name="speckle-kernels",
-    version="0.1.0",
-    description="Fused BatchRenorm and speckle-noise kernels for training ultrasound denoisers in PyTorch",
-    # The networks and tools live in models/ (the project's fixed top level) but install as
-    # speckle_models: a top-level `models` would collide with other distributions' and shadow a
-    # user's own models/ folder.
-    packages=find_packages(include=["speckle_kernels", "speckle_kernels.*"]) + ["speckle_models"],
-    package_dir={"speckle_models": "models"},
-    python_requires=">=3.10",
-    install_requires=[
-        "torch>=2.4",
-        "triton>=3.0; platform_system == 'Linux'",
-        "numpy",
-        "pillow",
-        "scikit-image",
-        "tqdm",
-        "matplotlib",
-        "ninja",
-    ],
-    extras_require={
-        # hypothesis: property-based accuracy tests; onnx*: the export checks of models/fold.py
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "onnx", "onnxscript", "onnxruntime",
-                 "pydicom>=3.0"],
-        # DICOM input of speckle-denoise (pydicom 3 converts YBR colour to RGB when reading)
-        "dicom": ["pydicom>=3.0"],
-        # BM3D is free for non-commercial use only (its license): never a default dependency
-        "bm3d": ["bm3d>=4.0.3"],
-    },
-    entry_points={"console_scripts": ["speckle-train = speckle_models.train:main",
-                                      "speckle-reproduce = speckle_models.reproduce:main",
-                                      "speckle-denoise = speckle_models.denoise:main"]},
+    packages=(find_packages(include=["speckle_kernels", "speckle_kernels.*"])
+              + ["speckle_models"] + ["speckle_models." + p for p in find_packages("models")]),
     ext_modules=_EXT_MODULES,
     cmdclass=_CMDCLASS,
 )

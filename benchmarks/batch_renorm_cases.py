@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tests.cases import batch_renorm as renorm_kit
+from speckle_kernels.testing import batch_renorm as renorm_kit
 
 from .common import (BATCH, DTYPE_NAMES, IMAGE, KERNEL_BACKENDS, SMALL_BATCH, SMALL_IMAGE, assert_close,
                      assert_verdict, compile_fresh, probe_backend, tensor_bytes)

@@ -1,5 +1,5 @@
 """What every benchmark group shares: device and size, timing, copy bandwidth, byte counts and
-the comparison helper. Nothing here imports pytest, so `python -m benchmarks.gpu_check` runs
+the comparison helper. Nothing here imports pytest, so `python -m benchmarks.tools.gpu_check` runs
 without it.
 
 Sizes (SPECKLE_BENCH_SIZE, or pytest's --speckle-size):

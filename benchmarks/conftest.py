@@ -2,7 +2,7 @@
 
     pytest benchmarks --benchmark-only                     # small on a CPU, full on a GPU
     SPECKLE_BENCH_SIZE=full pytest benchmarks --benchmark-only --benchmark-json=out.json
-    python -m benchmarks.report out.json --out DIR         # markdown table + PNG chart
+    python -m benchmarks.tools.results_report out.json --out DIR         # markdown table + PNG chart
 
 Triton must not run under its interpreter here (that is a correctness tool, not a speed):
 the Triton implementations are skipped on CPU tensors whatever TRITON_INTERPRET says.

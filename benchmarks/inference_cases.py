@@ -52,7 +52,7 @@ def skip_reason(impl: str, network: str, shape: str, size: str, device: torch.de
 def infer_network(name: str, width: int, device: torch.device, seed: int = 0) -> torch.nn.Module:
     """A network in eval mode with seeded random weights and non-trivial eval norms."""
     from speckle_models import build_model
-    from speckle_models.fold import norm_modules
+    from speckle_models.networks.fold import norm_modules
 
     torch.manual_seed(seed)
     model = build_model(name, width=width)
@@ -97,7 +97,7 @@ def _ieee_fp32():
 
 def infer_impl(impl: str, model: torch.nn.Module):
     """A no-grad forward function of implementation `impl`."""
-    from speckle_models.fold import fold_norms
+    from speckle_models.networks.fold import fold_norms
 
     if impl == "eager":
         net = model

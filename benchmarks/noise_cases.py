@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from tests.cases import noise as noise_kit
+from speckle_kernels.testing import noise as noise_kit
 
 from .common import BATCH, IMAGE, KERNEL_BACKENDS, Unavailable, assert_close, compile_fresh, tensor_bytes
 

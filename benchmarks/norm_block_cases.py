@@ -29,8 +29,8 @@ import copy
 import torch
 from torch import nn
 
-from tests.cases import batch_renorm as renorm_kit
-from tests.cases import batch_renorm_act as block_kit
+from speckle_kernels.testing import batch_renorm as renorm_kit
+from speckle_kernels.testing import batch_renorm_act as block_kit
 
 from .batch_renorm_cases import (EPS, MOMENTUM, ULP, RenormState, check_renorm, headline_cases,
                                  renorm_impl)

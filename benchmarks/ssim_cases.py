@@ -22,7 +22,7 @@ def ssim_pair(shape, device, seed=0):
 
 
 def ssim_impl(name: str, device: torch.device):
-    from speckle_kernels.metrics import ssim
+    from speckle_models.metrics.psnr_ssim import ssim
 
     if name == "skimage":
         from skimage.metrics import structural_similarity

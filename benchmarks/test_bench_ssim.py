@@ -1,4 +1,4 @@
-"""Batched SSIM (speckle_kernels.metrics.ssim) against scikit-image, its reference.
+"""Batched SSIM (speckle_models.metrics.psnr_ssim.ssim) against scikit-image, its reference.
 
 scikit-image runs image by image on the CPU (float64 numpy); the torch versions take the whole
 batch on the benchmark's device. Each is first checked against scikit-image to 1e-4 per image.

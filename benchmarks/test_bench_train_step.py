@@ -5,7 +5,7 @@ with nn.BatchNorm2d (the floor), eager; Br-U-Net on its default fused backend an
 under torch.compile and as one CUDA graph (train_step_cases.TRAIN_ROWS). Convolutions dominate;
 the gap between the rows is what the norm layers cost. No bytes floor exists for a whole step:
 a row reports images per second, the step's FLOP count (torch.utils.flop_counter, taken once in
-setup) and FLOP/s, its fraction of the device's bf16 peak where known (speckle_models.flops:
+setup) and FLOP/s, its fraction of the device's bf16 peak where known (speckle_models.networks.flops:
 the one table; none on a CPU), and what the step keeps for backward (saved tensors' bytes, and
 CUDA's peak allocation on a GPU; for a graph row, of its last eager warm-up step).
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from speckle_models.flops import step_flops, throughput_note
+from speckle_models.networks.flops import step_flops, throughput_note
 
 from .common import Unavailable, autograd_memory
 from .conftest import DEVICE, SIZE, checked_or_skipped

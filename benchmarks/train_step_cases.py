@@ -70,10 +70,10 @@ def train_step_fn(model, lr: float, mode: str = "eager", fullgraph: bool = False
 
 def capture_step(step, noisy, clean, device: torch.device, warmup: int = 3):
     """The step captured in one CUDA graph after `warmup` eager steps on a side stream
-    (speckle_models.loop's graph); returns a function replaying it on static inputs."""
+    (speckle_models.training.loop's graph); returns a function replaying it on static inputs."""
     if device.type != "cuda":
         raise Unavailable("a CUDA graph needs a CUDA device")
-    from speckle_models.loop import _GraphedStep
+    from speckle_models.training.loop import _GraphedStep
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

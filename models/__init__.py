@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .di_conv_ae import DiConvAE
-from .unet import NORMS, UNet, br_unet, d_unet
+from speckle_models.networks.di_conv_ae import DiConvAE
+from speckle_models.networks.unet import NORMS, UNet, br_unet, d_unet
 
 MODEL_NAMES = ("di-conv-ae", "d-unet", "br-unet")
 DISPLAY_NAMES = {"di-conv-ae": "Di-Conv-AE-Net", "d-unet": "D-U-Net", "br-unet": "Br-U-Net"}

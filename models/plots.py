@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from speckle_kernels.atomic_write import atomic_write_bytes
+from speckle_models.atomic_write import atomic_write_bytes
 
 
 def _figure():

@@ -38,7 +38,7 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_data(cache_dir):
     """A 16x16 phantom set (24 train+val, 8 test images): enough for one quick epoch."""
-    from speckle_kernels.data import load_dataset
+    from speckle_models.data.datasets import load_dataset
 
     return load_dataset("phantom", image_size=16, count=24, test_count=8, cache_dir=cache_dir,
                         progress=False)

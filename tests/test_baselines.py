@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from speckle_models import baselines, speckle_filters
-from speckle_models.baselines import (FILTERS, GRIDS, TORCH_FILTERS, apply_all, apply_filter,
+from speckle_models.reproduction import baselines
+from speckle_models.reproduction import speckle_filters
+from speckle_models.reproduction.baselines import (FILTERS, GRIDS, TORCH_FILTERS, apply_all, apply_filter,
                               available_filters, bm3d_denoise, missing_filters, run_baselines, tune)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -23,8 +23,8 @@ from speckle_kernels import FusedBatchRenorm1d, FusedBatchRenorm2d, FusedBatchRe
 from speckle_kernels.reference import batch_renorm_reference
 from speckle_kernels.schedules import RenormSchedule
 
-from .cases import batch_renorm as kit
-from .cases.backends import BACKENDS, require
+from speckle_kernels.testing import batch_renorm as kit
+from speckle_kernels.testing.backends import BACKENDS, require
 from .helpers import assert_close, forbid_host_sync
 from .third_party_batchrenorm import ThirdPartyBatchRenorm
 

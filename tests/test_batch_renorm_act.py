@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from speckle_kernels.norm_block import ACTIVATIONS
 from speckle_kernels.reference import batch_renorm_act_reference, batch_renorm_reference, dropout_keep_mask
 
-from .cases import batch_renorm_act as block_kit
-from .cases.backends import require
+from speckle_kernels.testing import batch_renorm_act as block_kit
+from speckle_kernels.testing.backends import require
 
 FUSED = ("cpu", "triton", "cuda")
 DRAWS = 2

@@ -14,7 +14,7 @@ from speckle_kernels import _backend
 from speckle_kernels import _ext, batch_renorm_ext
 from speckle_kernels.schedules import DMAX_SCHEDULE, RMAX_SCHEDULE
 
-from .cases import batch_renorm as kit
+from speckle_kernels.testing import batch_renorm as kit
 
 pytestmark = pytest.mark.skipif(
     _ext is None or not _ext.HAS_CPU_EXT,

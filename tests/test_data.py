@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from speckle_kernels import data as D
-from speckle_kernels import phantom as P
+from speckle_models.data import datasets as D
+from speckle_models.data import phantom as P
 from speckle_kernels.noise import make_noisy_batch
 
 H, W = D.KAGGLE_SHAPE
@@ -298,7 +298,7 @@ def test_device_batches_no_shuffle_and_arguments():
 
 
 def test_device_batches_shards_add_up_to_one_process():
-    from speckle_kernels.data import DeviceBatches
+    from speckle_models.data.datasets import DeviceBatches
 
     images = torch.randint(0, 256, (23, 1, 8, 8), dtype=torch.uint8)
     kw = dict(factor=5.0, seed=3, drop_last=True, )

@@ -25,12 +25,12 @@ import torch
 from PIL import Image
 
 from speckle_models import build_model
-from speckle_models import denoise as D
-from speckle_models import image_io
-from speckle_models.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
-from speckle_models.config import TrainConfig
-from speckle_models.fold import norm_modules
-from speckle_kernels.metrics import enl, speckle_snr
+from speckle_models.inference import denoise as D
+from speckle_models.inference import image_io
+from speckle_models.training.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
+from speckle_models.training.config import TrainConfig
+from speckle_models.networks.fold import norm_modules
+from speckle_models.metrics.speckle_stats import enl, speckle_snr
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -296,7 +296,7 @@ def test_cli_user_errors_exit_2(tmp_path, ckpt, capsys, argv, msg):
 
 def test_cli_as_a_process(tmp_path, ckpt):
     """The module entry point: exit status 2 and one line for a missing input, no traceback."""
-    r = subprocess.run([sys.executable, "-m", "speckle_models.denoise", str(ckpt), str(tmp_path / "nope.png"),
+    r = subprocess.run([sys.executable, "-m", "speckle_models.inference.denoise", str(ckpt), str(tmp_path / "nope.png"),
                         "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == f"speckle-denoise: error: {tmp_path / 'nope.png'}: no such file or folder"
 
@@ -417,7 +417,7 @@ def test_metrics_and_figures(tmp_path, ckpt, capsys):
 # ----------------------------------------------------------------------------- a real checkpoint
 
 def test_checkpoint_from_the_training_loop(tmp_path, capsys):
-    from speckle_models import loop
+    from speckle_models.training import loop
 
     run = tmp_path / "run"
     loop.train(TrainConfig(model="br-unet", out=str(run), image_size=16, count=24, test_count=8,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from speckle_models import build_model
-from speckle_models.fold import ChannelAffine, export_model, fold_norms, norm_affine, norm_modules, onnx_predict
+from speckle_models.networks.fold import ChannelAffine, export_model, fold_norms, norm_affine, norm_modules, onnx_predict
 from speckle_kernels import FusedBatchRenorm2d, FusedBatchRenorm3d, SyncFusedBatchRenorm
 
 U64, U32 = 2.0 ** -53, 2.0 ** -24

@@ -4,7 +4,7 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from speckle_kernels.metrics import from_normalized, gaussian_window, psnr, ssim
+from speckle_models.metrics.psnr_ssim import from_normalized, gaussian_window, psnr, ssim
 
 
 def sk_ssim(a, b):

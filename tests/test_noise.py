@@ -18,8 +18,8 @@ from speckle_kernels import reference as R
 from speckle_kernels.noise_stream import RAYLEIGH_MEAN, RAYLEIGH_STD
 from speckle_kernels.reference import noisy_batch_reference
 
-from .cases import noise as kit
-from .cases.backends import BACKENDS, require
+from speckle_kernels.testing import noise as kit
+from speckle_kernels.testing.backends import BACKENDS, require
 
 KERNELS = tuple(b for b in BACKENDS if b != "reference")
 

@@ -12,7 +12,7 @@ import torch
 
 from speckle_kernels import _ext, noise_ext
 
-from .cases import noise as kit
+from speckle_kernels.testing import noise as kit
 from .helpers import assert_close
 
 pytestmark = pytest.mark.skipif(

@@ -17,7 +17,7 @@ import speckle_kernels as sk
 from speckle_kernels import FusedBatchRenorm2d, FusedBatchRenormAct1d, FusedBatchRenormAct2d, FusedBatchRenormAct3d
 from speckle_kernels.reference import batch_renorm_reference, dropout_keep_mask
 
-from .cases.backends import BACKENDS, require
+from speckle_kernels.testing.backends import BACKENDS, require
 from .helpers import assert_close, forbid_host_sync
 
 

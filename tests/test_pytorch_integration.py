@@ -21,7 +21,7 @@ from .helpers import assert_close
 from .third_party_batchrenorm import ThirdPartyBatchRenorm
 
 pytest.importorskip("triton")
-from speckle_models.unet import br_unet  # noqa: E402
+from speckle_models.networks.unet import br_unet  # noqa: E402
 
 SCHEDULE = [sk.RMAX_SCHEDULE.slope, sk.RMAX_SCHEDULE.start, sk.RMAX_SCHEDULE.low, sk.RMAX_SCHEDULE.high,
             sk.DMAX_SCHEDULE.slope, sk.DMAX_SCHEDULE.start, sk.DMAX_SCHEDULE.low, sk.DMAX_SCHEDULE.high]

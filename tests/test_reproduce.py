@@ -9,16 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from speckle_kernels.data import DeviceBatches, UltrasoundData
-from speckle_kernels.metrics import psnr, ssim
-from speckle_models import baselines, report, reproduce
-from speckle_models import loop as L
-from speckle_models import train as T
-from speckle_models.baselines import available_filters
-from speckle_models.config import VAL_NOISE_SEED, TrainConfig
-from speckle_models.evaluate import eval_pair, image_scores, noisy_eval_set, predict
-from speckle_models.pairs import PairBatches, normalize_u8
-from speckle_models.stats import bootstrap_mean_ci, excludes_zero, mean_std
+from speckle_models.data.datasets import DeviceBatches, UltrasoundData
+from speckle_models.metrics.psnr_ssim import psnr, ssim
+from speckle_models.reproduction import baselines
+from speckle_models.reproduction import tables as report
+from speckle_models.reproduction import reproduce
+from speckle_models.training import loop as L
+from speckle_models.training import train as T
+from speckle_models.reproduction.baselines import available_filters
+from speckle_models.training.config import VAL_NOISE_SEED, TrainConfig
+from speckle_models.training.evaluate import eval_pair, image_scores, noisy_eval_set, predict
+from speckle_models.training.pairs import PairBatches, normalize_u8
+from speckle_models.reproduction.stats import bootstrap_mean_ci, excludes_zero, mean_std
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

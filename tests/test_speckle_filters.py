@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from speckle_models.speckle_filters import (EPS, HOMOGENEOUS_FLOOR, frost_filter, kuan_filter, lee_filter,
+from speckle_models.reproduction.speckle_filters import (EPS, HOMOGENEOUS_FLOOR, frost_filter, kuan_filter, lee_filter,
                                     speckle_cv2, srad)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

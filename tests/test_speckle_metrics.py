@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from speckle_kernels.metrics import (box_mask, cnr, enl, gcnr, homogeneous_windows, region_stats,
+from speckle_models.metrics.speckle_stats import (box_mask, cnr, enl, gcnr, homogeneous_windows, region_stats,
                                      speckle_snr)
 
 Z = 5.0  # standard errors allowed

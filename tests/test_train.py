@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from speckle_models import checkpoint as C
-from speckle_models import loop as L
-from speckle_models import reproduce
-from speckle_models import train as T
-from speckle_models.config import TrainConfig
-from speckle_kernels import atomic_write
+from speckle_models.training import checkpoint as C
+from speckle_models.training import loop as L
+from speckle_models.reproduction import reproduce
+from speckle_models.training import train as T
+from speckle_models.training.config import TrainConfig
+from speckle_models import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "quick", "--image-size", "16", "--count", "24", "--test-count", "8",
@@ -142,7 +142,7 @@ def test_cli_errors(tmp_path, capsys, cache_dir):
 def test_cli_subprocess_resume(tmp_path, cache_dir):
     """The console entry point end to end: a run, a refused rerun, a resume to more epochs."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "speckle_models.train", "--model", "d-unet", "--noise-factor", "5",
+    cmd = [sys.executable, "-m", "speckle_models.training.train", "--model", "d-unet", "--noise-factor", "5",
            "--out", str(out), "--cache-dir", cache_dir, *TINY]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -161,7 +161,7 @@ def test_torchrun_two_processes_train_and_rank0_writes(tmp_path):
     # each rank its shard of every global batch, one set of files written by rank 0.
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "speckle_models.train", "--model", "br-unet", "--preset", "quick", "--count", "40",
+           "-m", "speckle_models.training.train", "--model", "br-unet", "--preset", "quick", "--count", "40",
            "--test-count", "8", "--image-size", "16", "--epochs", "2", "--batch-size", "2",
            "--width", "4", "--out", str(out), "--no-progress", "--cache-dir", str(tmp_path / "cache")]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -1,0 +1,1 @@
+"""Inference on real scans: the `speckle-denoise` command, tiling at native resolution, image I/O."""
