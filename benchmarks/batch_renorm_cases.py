@@ -181,7 +181,7 @@ def renorm_impl(name: str, device: torch.device, dtype: torch.dtype, *, bn_eps: 
 
 def check_renorm(name: str, fn, x: torch.Tensor, *, backward: bool, device, training: bool = True):
     """Fail unless fn computes BatchRenorm on x. The kernels are judged by the tests' kit
-    (tests/cases/batch_renorm.py): output, running buffers, dx, dweight and dbias against the
+    (speckle_kernels/testing/batch_renorm.py): output, running buffers, dx, dweight and dbias against the
     same function in float64, at most 2x the fp32 reference's error + 1 ulp. The baselines are
     compared with the reference: torch.compile of it to the fp32 tolerances (1e-5 relative; the
     dtype's ulp in half precision), nn.BatchNorm2d where both are the same function (t = 0:

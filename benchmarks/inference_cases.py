@@ -3,7 +3,7 @@ paper's size and two real frame sizes, eager against folded norms and torch.comp
 
     shapes (H x W)    128x128 (the paper), 420x580 (a Kaggle frame), 480x640 (a scanner frame)
     eager             the network in eval mode, as load_denoiser gives it
-    folded            fold_norms: eval norms folded into the convolutions (models/fold.py)
+    folded            fold_norms: eval norms folded into the convolutions (models/networks/fold.py)
     compiled          torch.compile(dynamic=False) of the folded copy (the deployment path)
 
 Sizes: full is the paper's width 32, batch 8 on a GPU and batch 1 on a CPU (one frame at a

@@ -71,7 +71,7 @@ def noise_impl(name: str, op: str, device: torch.device):
 
 def check_noise(name: str, fn, op: str, x: torch.Tensor, out_dtype=torch.float32) -> None:
     """Kernels: the values of the documented Philox stream, to the tolerance the tests derive
-    (tests/cases/noise.py). torch.compile draws other random numbers than eager torch, so the
+    (speckle_kernels/testing/noise.py). torch.compile draws other random numbers than eager torch, so the
     compiled reference is held to the exact clean output and to the eager reference's
     distribution: mean and spread of the noisy values within 5 standard errors."""
     if name == "reference":

@@ -16,7 +16,7 @@ two-pass block that keeps no mask: the backward regenerates it from (seed, offse
 The compositions move more (y of each stage, a saved mask); that is the gap the block closes.
 
 Setup checks, so that a fast wrong kernel fails: each block-<backend> row judges its backend
-with the block kit (tests/cases/batch_renorm_act.py: output, dx, dweight, dbias and buffers of
+with the block kit (speckle_kernels/testing/batch_renorm_act.py: output, dx, dweight, dbias and buffers of
 a one-step draw of the row's own input (its first 4 images on a CPU), against float64 on the run's own activation branches);
 each renorm-<backend>-act-drop row checks its BatchRenorm as the batch_renorm group does; the
 compiled Sequential is compared with the eager one on the elements its own mask kept (the two

@@ -50,7 +50,7 @@ def train_model(name: str, device: torch.device):
 
 
 def train_step_fn(model, lr: float, mode: str = "eager", fullgraph: bool = False):
-    """One optimizer step as models/loop.py takes it: forward, MSE, backward, Adamax. mode
+    """One optimizer step as models/training/loop.py takes it: forward, MSE, backward, Adamax. mode
     "compiled" runs the model under torch.compile; "graph" makes the step capturable (see
     capture_step); every mode zeroes the gradients after the step, as the loop does."""
     if mode not in MODES:

@@ -26,7 +26,7 @@ like 1e4 + 1e-2*randn; each tile's (count, mean, M2) of u is two-pass in registe
 and programs merge by Chan's formula in fp64. Sums of squares about a far-off pivot would lose
 a factor 1 + (mean - pivot)^2/var of precision; this keeps two-pass accuracy with one read of
 x. The backward's sums are fp32 trees per tile added in fp64. Errors are judged against the same
-function in float64 (tests/cases/batch_renorm.py): at most 2x the fp32 reference's + 1 ulp.
+function in float64 (speckle_kernels/testing/batch_renorm.py): at most 2x the fp32 reference's + 1 ulp.
 
 Layouts: x is viewed as (outer, inner, C) with strides (s_o, s_i, s_c) and no copy:
 contiguous NC* is (N, L, C) with s_i = 1; channels_last is (1, N*L, C) with s_c = 1. Tiles keep

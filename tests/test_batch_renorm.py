@@ -1,6 +1,6 @@
 """FusedBatchRenorm on every backend (reference, cpu, triton, cuda), judged by one kit.
 
-Accuracy: tests/cases/batch_renorm.py runs each case (odd shapes, N*H*W = 1, 2, 3, C = 1, big
+Accuracy: speckle_kernels/testing/batch_renorm.py runs each case (odd shapes, N*H*W = 1, 2, 3, C = 1, big
 mean and small spread, fp32/fp16/bf16, contiguous and channels_last, t = 0/20000/60000, several
 training steps then eval) and holds every backend's error against float64 to at most twice the
 fp32 reference's plus one ulp. The rest: the third-party layer's own expectation, exact zeros

@@ -1,6 +1,6 @@
 """The norm block (BatchRenorm -> activation -> dropout) on every backend, and its mask stream.
 
-Accuracy: tests/cases/batch_renorm_act.py runs every BatchRenorm kit case with an activation and
+Accuracy: speckle_kernels/testing/batch_renorm_act.py runs every BatchRenorm kit case with an activation and
 a dropout rate and holds each fused backend to twice the fp32 reference's error against float64
 plus one ulp (judged on the backend's own activation branches, which may differ from float64's
 only within the reference's error of z). Masks: each backend's equals the documented stream

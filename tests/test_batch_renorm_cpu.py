@@ -2,7 +2,7 @@
 count independence, the op's own argument checks and schemas, and how it is built.
 
 Its accuracy is judged with every other backend's by tests/test_batch_renorm.py (the kit of
-tests/cases/batch_renorm.py); here the kit runs once more under each forced schedule.
+speckle_kernels/testing/batch_renorm.py); here the kit runs once more under each forced schedule.
 """
 from __future__ import annotations
 

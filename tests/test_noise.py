@@ -1,6 +1,6 @@
 """Speckle noise on every backend (reference, cpu, triton, cuda), judged by one kit.
 
-tests/cases/noise.py holds the stream the kernels must reproduce (the plain-torch Philox port),
+speckle_kernels/testing/noise.py holds the stream the kernels must reproduce (the plain-torch Philox port),
 the cases, and the derived tolerances: stream equality for every kernel backend, the noise
 fields' moments for all four (the reference draws from torch's generator: same distribution,
 other numbers), then the fused batch maker, reproducibility and the argument checks.

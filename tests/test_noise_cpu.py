@@ -3,7 +3,7 @@ paths (16 AVX-512, 8 AVX2, 1 portable) and their bits, thread-count independence
 argument checks, and its normals against float64.
 
 Stream equality and moments are every backend's, in tests/test_noise.py; here each built lane
-path runs the kit's stream cases (tests/cases/noise.py) with the kit's tolerance.
+path runs the kit's stream cases (speckle_kernels/testing/noise.py) with the kit's tolerance.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
     python -m benchmarks.tools.accuracy_report --out benchmarks/results/<device>-<date>/accuracy.md
 
-The tests' kit (tests/cases/batch_renorm.py) runs two training steps and one eval step per draw
+The tests' kit (speckle_kernels/testing/batch_renorm.py) runs two training steps and one eval step per draw
 and measures max |q - q64| for y, dx, dweight, dbias and the running statistics; this prints the
 worst over a few draws for every backend present on the device, at the third-party layer's own
 test shape (100, 10) and at Br-U-Net's (32, 64, 128, 128) (one draw there: the float64 judge is

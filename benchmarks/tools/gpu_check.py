@@ -3,11 +3,11 @@
     python -m benchmarks.tools.gpu_check --out benchmarks/results/<gpu>-<date>
 
 1. Checks, for each kernel backend (Triton, the CUDA extension), by the tests' kit
-   (tests/cases/batch_renorm.py): y, dx, dweight, dbias and the running buffers over training
+   (speckle_kernels/testing/batch_renorm.py): y, dx, dweight, dbias and the running buffers over training
    steps then eval, against the same function in float64 (at most 2x the fp32 reference's error
    + 1 ulp), on the tests' cases and on Br-U-Net's shapes in fp32/fp16/bf16, contiguous and
    channels_last; the norm block (BatchRenorm -> activation -> dropout) by its kit
-   (tests/cases/batch_renorm_act.py) over its CASES and the headline; and the noise kernels
+   (speckle_kernels/testing/batch_renorm_act.py) over its CASES and the headline; and the noise kernels
    against their documented Philox stream. A backend that is missing counts as a failure here:
    on a GPU machine both should be built.
 2. Timings at (32, 64, 128, 128): forward and forward+backward of every implementation

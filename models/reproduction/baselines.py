@@ -13,7 +13,7 @@ the test images.
                patch 5, distance 6); sigma_est by Immerkaer's Laplacian-difference estimate
                (skimage's estimate_sigma would need PyWavelets, one more dependency)
 
-The speckle filters of models/speckle_filters.py (batched torch; the whole stack in one call,
+The speckle filters of models/reproduction/speckle_filters.py (batched torch; the whole stack in one call,
 float32, on `device`) and, optionally, BM3D:
 
     lee        Lee (1980), window w, C_u^2 = cu2_factor * per-image homogeneous-region estimate

@@ -4,7 +4,7 @@ Every function takes a float tensor of shape (N, H, W) or (N, 1, H, W) (N images
 intensities, nominally in [0, 1]), works on the tensor's own device (CPU or GPU), in `dtype`
 (default torch.float32; pass torch.float64 for reference precision), without a Python loop
 over pixels or images (SRAD loops over its iterations), and returns a tensor of the input's
-shape in `dtype`, clipped to [0, 1] like the scikit-image baselines (models/baselines.py).
+shape in `dtype`, clipped to [0, 1] like the scikit-image baselines (models/reproduction/baselines.py).
 
 Speckle model (all four filters): z = x * u, with u a unit-mean speckle of variance C_u^2
 (C_u: the noise coefficient of variation), independent of the image x.

@@ -1,6 +1,6 @@
 """The norm-block case kit: BatchRenorm -> activation -> dropout, judged against float64.
 
-It extends the BatchRenorm kit (tests/cases/batch_renorm.py: inputs, buffers, the bound
+It extends the BatchRenorm kit (speckle_kernels/testing/batch_renorm.py: inputs, buffers, the bound
 2 * error(reference) + 1 ulp) with an activation and a dropout mask. The mask is a function of
 integers (seed, offset, index): every backend must reproduce it exactly, and the float64 truth
 uses the same one.
