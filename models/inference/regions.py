@@ -106,7 +106,8 @@ def ultrasound_regions(ds, rows: int, columns: int, name: str) -> list[Box]:
         box = Box(y0, x0, y1 - y0 + 1, x1 - x0 + 1)
         if not box.inside(rows, columns):
             raise ValueError(f"{name}: ultrasound region {k} (x {x0}..{x1}, y {y0}..{y1}) lies outside "
-                             f"the {rows}x{columns} image")
+                             f"the {rows}x{columns} image (the file's regions do not match its pixels; give the tissue "
+                             "with --region T,L,H,W or find it with --detect-tissue)")
         boxes.append(box)
     return boxes
 
@@ -156,8 +157,11 @@ def detect_tissue(v: np.ndarray, colour: np.ndarray | None = None) -> np.ndarray
     signal = gray_signal if colour is None else gray_signal | colour
     if colour is not None:
         gray_signal &= ~colour
-    density = ndimage.uniform_filter(signal.astype(np.float32), DENSITY_WINDOW, mode="constant")
-    area = ndimage.binary_opening(density >= DENSITY_MIN, _disk(OPEN_RADIUS))
+    # reflect / border_value=1: tissue running to the frame's (or the box's) edge keeps its edge
+    density = ndimage.uniform_filter(signal.astype(np.float32), DENSITY_WINDOW, mode="reflect")
+    dense = density >= DENSITY_MIN
+    area = ndimage.binary_dilation(ndimage.binary_erosion(dense, _disk(OPEN_RADIUS), border_value=1),
+                                   _disk(OPEN_RADIUS)) & dense
     labels, count = ndimage.label(area)
     if count == 0:
         return np.zeros(v.shape, bool)
