@@ -166,16 +166,8 @@ class DicomSource:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         if frames < 1:
             raise ValueError(f"{path}: NumberOfFrames is {frames}")
-        if length == 0xFFFFFFFF:  # encapsulated: walk the fragment headers (no pixel bytes read)
-            from pydicom.encaps import parse_fragments
-
-            f.seek(value_start)
-            try:
-                count, _ = parse_fragments(f, endianness=fmt)
-            except Exception as e:
-                raise ValueError(f"{path}: truncated or corrupt compressed pixel data ({e})") from e
-            if count < 2:  # the offset table item, then at least one fragment
-                raise ValueError(f"{path}: compressed pixel data without frames")
+        if length == 0xFFFFFFFF:  # encapsulated: walk the item headers (no pixel bytes read)
+            _check_fragments(f, value_start, size, fmt, path)
             return
         # as stored: palette indices are one sample; YBR_FULL_422 holds two samples a pixel
         samples = 2 if photometric == "YBR_FULL_422" else int(ds.get("SamplesPerPixel", 1))
@@ -221,9 +213,34 @@ class DicomSource:
                     raise ValueError(f"frame {k} has shape {frame.shape}")
                 yield frame
         except (ValueError, RuntimeError, NotImplementedError, OSError, EOFError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            why = " ".join(str(e).split()) or type(e).__name__  # pydicom lists each plugin's error
             raise ValueError(f"{self.path}: cannot decode its pixel data "
-                             f"({self.transfer_syntax.name}): {first}") from e
+                             f"({self.transfer_syntax.name}): {why}") from e
+
+
+def _check_fragments(f, position: int, size: int, fmt: str, path: Path) -> None:
+    """Items (FFFE,E000) of known length up to the sequence delimiter (FFFE,E0DD), each inside
+    the file: the offset table, then at least one fragment."""
+    items = 0
+    while True:
+        f.seek(position)
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: truncated compressed pixel data (no sequence delimiter "
+                             f"after {max(items - 1, 0)} fragment(s))")
+        group, element, length = struct.unpack(fmt + "HHI", head)
+        if (group, element) == (0xFFFE, 0xE0DD):
+            break
+        if (group, element) != (0xFFFE, 0xE000) or length == 0xFFFFFFFF:
+            raise ValueError(f"{path}: corrupt compressed pixel data (item tag "
+                             f"({group:04X},{element:04X}) at byte {position})")
+        position += 8 + length
+        if position > size:
+            raise ValueError(f"{path}: truncated compressed pixel data (fragment {items} runs "
+                             f"{position - size} bytes past the end of the file)")
+        items += 1
+    if items < 2:
+        raise ValueError(f"{path}: compressed pixel data without frames")
 
 
 def _pixel_tag(f, start: int, ds) -> int | None:

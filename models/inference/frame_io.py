@@ -246,10 +246,10 @@ def free_disk(folder: Path) -> int:
     return shutil.disk_usage(folder).free
 
 
-# The run's memory per frame in flight, in bytes per pixel: the decoded frame, its float32 gray
-# level, the reflection-padded crop, the network's output, the written frame; the network's
-# activations come on top (the tiler bounds them by max_pixels).
-BYTES_PER_PIXEL_IN_FLIGHT = 40
+# The run's memory per frame in flight: the decoded frame and the written one (2 frame_bytes),
+# and per pixel its float32 gray level, output and the overlay masks (16 bytes); the crops and
+# the network's activations come on top, bounded by the regions and max_pixels, not the cine.
+BYTES_PER_PIXEL_IN_FLIGHT = 16
 
 
 def check_resources(source, *, batch: int, prefetch: int, out_dir: Path, output_bytes: int) -> None:
@@ -257,7 +257,7 @@ def check_resources(source, *, batch: int, prefetch: int, out_dir: Path, output_
     does not fit on disk (before anything is written)."""
     gib = 2.0 ** 30
     in_flight = min(source.count, batch + prefetch)
-    need = in_flight * source.height * source.width * BYTES_PER_PIXEL_IN_FLIGHT
+    need = in_flight * (2 * source.frame_bytes + source.height * source.width * BYTES_PER_PIXEL_IN_FLIGHT)
     have = available_memory()
     if need > have:
         whole = source.count * source.frame_bytes
