@@ -150,7 +150,7 @@ def _disk(radius: int) -> np.ndarray:
 
 def detect_tissue(v: np.ndarray, colour: np.ndarray | None = None) -> np.ndarray:
     """The tissue area of a frame (module docstring): an (H, W) bool mask, all False when no
-    area of at least MIN_TISSUE_PIXELS is found."""
+    area of at least min_tissue_pixels is found."""
     from scipy import ndimage
 
     gray_signal = v > BLACK_LEVEL
@@ -168,7 +168,12 @@ def detect_tissue(v: np.ndarray, colour: np.ndarray | None = None) -> np.ndarray
     gray_counts = np.bincount(labels.ravel(), weights=gray_signal.ravel(), minlength=count + 1)[1:]
     tissue = labels == 1 + int(gray_counts.argmax())
     tissue = ndimage.binary_fill_holes(tissue)
-    return tissue if tissue.sum() >= MIN_TISSUE_PIXELS else np.zeros(v.shape, bool)
+    return tissue if tissue.sum() >= min_tissue_pixels(v.shape) else np.zeros(v.shape, bool)
+
+
+def min_tissue_pixels(shape) -> int:
+    """The least area taken for tissue: MIN_TISSUE_PIXELS, or a quarter of a smaller frame."""
+    return min(MIN_TISSUE_PIXELS, shape[0] * shape[1] // 4)
 
 
 def plan_tissue(v: np.ndarray, colour: np.ndarray | None, *, user_boxes: list[Box],
@@ -197,7 +202,7 @@ def plan_tissue(v: np.ndarray, colour: np.ndarray | None, *, user_boxes: list[Bo
     if not boxes:
         where = "the whole frame" if plan.how == "auto-detected" else f"the {plan.how} box(es)"
         raise ValueError(f"{name}: no tissue found in {where} (a dense area of gray pixels above "
-                         f"{BLACK_LEVEL:g} of full scale, at least {MIN_TISSUE_PIXELS} pixels); "
+                         f"{BLACK_LEVEL:g} of full scale, at least {min_tissue_pixels(v.shape)} pixels); "
                          "give it with --region T,L,H,W or use --whole-frame")
     plan.boxes, plan.masks = boxes, masks
     return plan
