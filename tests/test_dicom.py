@@ -18,7 +18,6 @@ import subprocess
 
 import numpy as np
 import pytest
-import torch
 
 from speckle_models.inference import denoise as D
 from speckle_models.inference import dicom_io, frame_io, regions

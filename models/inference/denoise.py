@@ -32,10 +32,7 @@ and the change of the local mean beside them, and CNR / gCNR (adaptive bins) bet
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
-import math
 import os
 import sys
 import time
@@ -46,9 +43,9 @@ import torch
 from torch import nn
 
 from speckle_models import MODEL_NAMES, build_model
-from speckle_models.atomic_write import atomic_write_text
 from speckle_models.inference import frame_io, regions
-from speckle_models.inference.image_io import IMAGE_SUFFIXES, is_dicom, quantize, to_unit, write_figure
+from speckle_models.inference.image_io import quantize, to_unit
+from speckle_models.inference.run_files import collect_inputs, existing_outputs, frame_hook, write_metrics
 from speckle_models.inference.tiling import (DEFAULT_BATCH, DEFAULT_MAX_PIXELS, DEFAULT_TILE, MIN_SIDE,
                                              aligned_halo, check_tiling, default_overlap, denoise_frames,
                                              reaches, receptive_radius, size_multiple, tile_spans)
@@ -125,68 +122,7 @@ def denoise_images(model_or_checkpoint, images, *, device: str | torch.device = 
     return [o if scale is None else quantize(o, scale) for o, (_, scale) in zip(outs, units)]
 
 
-# ----------------------------------------------------------------------------- metrics
-
-METRIC_FIELDS = ["file", "frame", "output", "tissue_pixels", "window_top", "window_left", "window_height",
-                 "window_width", "snr_before", "snr_after", "enl_before", "enl_after", "edge_preservation",
-                 "local_mean_change", "cnr_before", "cnr_after", "gcnr_before", "gcnr_after", "gcnr_bins"]
-
-
-def write_metrics(out: Path, rows: list[dict], meta: dict, *, overwrite: bool) -> None:
-    atomic_write_text(out / "metrics.json", json.dumps({**meta, "images": rows}, indent=2) + "\n",
-                      overwrite=overwrite)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        box = row.get("window") or [None] * 4
-        writer.writerow({**row, **dict(zip(METRIC_FIELDS[4:8], box))})
-    atomic_write_text(out / "metrics.csv", buf.getvalue(), overwrite=overwrite)
-
-
-# ----------------------------------------------------------------------------- files
-
-def collect_inputs(inputs: list[str], out: Path) -> list[tuple[Path, Path]]:
-    """(input file, output stem) pairs. A file keeps its own name (any suffix: formats are
-    sniffed); a folder is walked recursively for IMAGE_SUFFIXES (case-insensitive), sorted,
-    hidden names and the output folder skipped, and its sub-folders are kept under out."""
-    out_resolved = out.resolve()
-    pairs = []
-    for arg in inputs:
-        p = Path(arg)
-        if p.is_file():
-            pairs.append((p, out / p.stem))
-        elif p.is_dir():
-            found = []
-            for root, dirs, files in os.walk(p):
-                root_p = Path(root)
-                dirs[:] = sorted(d for d in dirs if not d.startswith(".")
-                                 and (root_p / d).resolve() != out_resolved)
-                found += [root_p / f for f in files
-                          if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES]
-            if not found:
-                raise ValueError(f"{p}: no {', '.join(IMAGE_SUFFIXES)} files in this folder")
-            for f in sorted(found):
-                rel = f.relative_to(p)
-                pairs.append((f, out / rel.parent / rel.stem))
-        else:
-            raise FileNotFoundError(f"{p}: no such file or folder")
-    seen: dict[Path, Path] = {}
-    for src, stem in pairs:
-        if stem in seen:
-            raise ValueError(f"{seen[stem]} and {src} would both be written to {stem}.*; "
-                             "denoise them into different --out folders")
-        seen[stem] = src
-    return pairs
-
-
-def _existing_outputs(stem: Path, fmt: str, count: int, figure: bool) -> list[Path]:
-    """Files a run could write for this stem that exist already (checked before any work)."""
-    paths = frame_io.output_paths(fmt, stem, count)
-    if figure:
-        paths += [p.with_name(p.name.rsplit(".", 1)[0] + ".figure.png") for p in frame_io.png_paths(stem, count)]
-    return [p for p in paths if p.exists()]
-
+# ----------------------------------------------------------------------------- the command
 
 def _box(text: str) -> tuple[int, int, int, int]:
     try:
@@ -311,7 +247,7 @@ def run(args) -> dict:
         jobs.append((source, stem, fmt, plan))
     if not args.overwrite:  # refuse before any work; atomic_path re-checks at each write
         clash = [p for source, stem, fmt, _ in jobs
-                 for p in _existing_outputs(stem, fmt, source.count, args.figure)]
+                 for p in existing_outputs(stem, fmt, source.count, args.figure)]
         clash += [out / n for n in ("metrics.json", "metrics.csv") if args.metrics and (out / n).exists()]
         if clash:
             raise FileExistsError(f"{clash[0]} exists ({len(clash)} output file(s) in the way); "
@@ -336,7 +272,7 @@ def run(args) -> dict:
                                       max_pixels=args.max_pixels, tile=args.tile, overlap=overlap, amp=amp)
             sink = frame_io.make_sink(fmt, stem, source, _describe(info, plan), overwrite=args.overwrite)
             paths = frame_io.output_paths(fmt, stem, source.count)
-            on_frame = _frame_hook(args, source, stem, paths, rows)
+            on_frame = frame_hook(args, source, stem, paths, rows)
             with sink:
                 frames = stream_file(source, source.count, denoiser, sink, batch_size=args.batch_size,
                                      bar=bar, name=str(source.path), on_frame=on_frame)
@@ -357,29 +293,6 @@ def run(args) -> dict:
                     intensity="v = stored value / max value, in [0, 1]; inside the tissue only")
         write_metrics(out, rows, meta, overwrite=args.overwrite)
     return summary
-
-
-def _frame_hook(args, source, stem: Path, paths: list[Path], rows: list[dict]):
-    """What happens after each written frame: its figure and its metrics row."""
-    if not (args.figure or args.metrics):
-        return None
-    from speckle_models.metrics.tissue_metrics import tissue_metrics
-
-    figures = [p.with_name(p.name.rsplit(".", 1)[0] + ".figure.png") for p in frame_io.png_paths(stem, source.count)]
-
-    def hook(k: int, result) -> None:
-        if args.figure:
-            write_figure(figures[k], quantize(result.before, 255), quantize(result.after, 255), 255,
-                         overwrite=args.overwrite)
-        if args.metrics:
-            row = {"file": str(source.path), "frame": k, "output": str(paths[min(k, len(paths) - 1)])}
-            try:
-                row.update(tissue_metrics(result.before, result.after, result.tissue,
-                                          window=args.metrics_window, roi_a=args.roi_a, roi_b=args.roi_b))
-            except ValueError as e:
-                raise ValueError(f"{source.path}: {e}") from e
-            rows.append(row)
-    return hook
 
 
 def main(argv: list[str] | None = None) -> int:
