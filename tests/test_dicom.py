@@ -338,3 +338,31 @@ def test_example_regions_that_do_not_fit_are_refused(tmp_path, ckpt, capsys):
     rc, _, err = cli([ckpt, examples.get_path("palette_color"), "--out", tmp_path / "o"], capsys)
     assert rc == 2 and "examples_palette.dcm: ultrasound region 1" in err and "lies outside the 350x800" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_png_and_tiff_out_of_a_colour_cine(tmp_path, ckpt, kinds, capsys):
+    """The same frames through the PNG sink (one RGB PNG a frame) and the TIFF sink (one
+    page a frame) as through the DICOM sink; formats that cannot hold the input are refused."""
+    from PIL import Image
+
+    src, cine, box = kinds["rle_rgb_cine"]
+    region = ["--region", ",".join(map(str, box))]
+    for fmt in ("dicom", "png", "tiff"):
+        rc, _, err = cli([ckpt, src, "--out", tmp_path / fmt, "--format", fmt, *region], capsys)
+        assert rc == 0, err
+    dicom = pydicom.dcmread(tmp_path / "dicom" / "rle_rgb.dcm").pixel_array
+    for k in range(3):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "png" / f"rle_rgb.f{k:04d}.png")), dicom[k])
+    with Image.open(tmp_path / "tiff" / "rle_rgb.tif") as im:
+        assert im.n_frames == 3
+        im.seek(2)
+        assert np.array_equal(np.asarray(im.convert("RGB")), dicom[2])
+    png = tmp_path / "scan.png"
+    Image.fromarray(cine[0]).save(png)
+    rc, _, err = cli([ckpt, png, "--out", tmp_path / "o", "--format", "dicom"], capsys)
+    assert rc == 2 and "scan.png: --format dicom needs a DICOM input" in err
+    deep = fx.shipped("SC_rgb_rle_16bit_2frame.dcm")
+    if deep.exists():
+        rc, _, err = cli([ckpt, deep, "--out", tmp_path / "o", "--format", "png", "--whole-frame"], capsys)
+        assert rc == 2 and "16-bit colour cannot be written as PNG" in err
+    assert not (tmp_path / "o").exists()

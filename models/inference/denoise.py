@@ -232,11 +232,7 @@ def run(args) -> dict:
     for src, stem in pairs:
         source = frame_io.open_source(src)
         fmt = args.format or ("dicom" if source.kind == "dicom" else "png")
-        if fmt == "dicom" and source.kind != "dicom":
-            raise ValueError(f"{src}: --format dicom needs a DICOM input (this is {source.kind}); "
-                             "use --format png or tiff")
-        if source.samples == 3 and source.max_value > 255 and fmt == "png":
-            raise ValueError(f"{src}: 16-bit colour cannot be written as PNG; use --format tiff or dicom")
+        frame_io.check_output(fmt, source)
         if min(source.height, source.width) < MIN_SIDE:
             raise ValueError(f"{src} is {source.height}x{source.width}; the networks need at least "
                              f"{MIN_SIDE}x{MIN_SIDE} pixels")

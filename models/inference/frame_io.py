@@ -157,11 +157,6 @@ class _Aborted(Exception):
     """Thrown into the atomic writers to make them discard their temp files."""
 
 
-def _check_pil_frame(frame: np.ndarray, path: Path) -> None:
-    if frame.ndim == 3 and frame.dtype != np.uint8:
-        raise ValueError(f"{path}: 16-bit colour cannot be written as PNG; use --format tiff or dicom")
-
-
 class PngSink(_AtomicSink):
     """stem.png, or stem.f0000.png ... for several frames; published together at commit."""
 
@@ -169,9 +164,7 @@ class PngSink(_AtomicSink):
         super().__init__(png_paths(stem, count), overwrite=overwrite)
 
     def write(self, frame: np.ndarray) -> None:
-        path = self.paths[self.written]
-        _check_pil_frame(frame, path)
-        with open(self._enter(path), "xb") as f:
+        with open(self._enter(self.paths[self.written]), "xb") as f:
             image_io._encode(f, [frame], "png")
         self.written += 1
 
@@ -210,12 +203,19 @@ def output_paths(fmt: str, stem: Path, count: int) -> list[Path]:
     return png_paths(stem, count) if fmt == "png" else [stem.with_name(stem.name + OUTPUT_FORMATS[fmt])]
 
 
+def check_output(fmt: str, source) -> None:
+    """ValueError naming the file when `fmt` cannot hold its frames."""
+    if fmt == "dicom" and source.kind != "dicom":
+        raise ValueError(f"{source.path}: --format dicom needs a DICOM input (this is {source.kind}); "
+                         "use --format png or tiff")
+    if fmt == "png" and source.samples == 3 and source.max_value > 255:
+        raise ValueError(f"{source.path}: 16-bit colour cannot be written as PNG; use --format tiff or dicom")
+
+
 def make_sink(fmt: str, stem: Path, source, description: str, *, overwrite: bool = False):
-    """The sink of one output (module docstring); fmt "dicom" needs a DICOM source."""
+    """The sink of one output (module docstring), checked by check_output."""
+    check_output(fmt, source)
     if fmt == "dicom":
-        if source.kind != "dicom":
-            raise ValueError(f"{source.path}: --format dicom needs a DICOM input (this is {source.kind}); "
-                             "use --format png or tiff")
         from speckle_models.inference.dicom_io import DicomSink
 
         return DicomSink(stem.with_name(stem.name + ".dcm"), source, description, overwrite=overwrite)

@@ -33,7 +33,7 @@ import math
 import numpy as np
 import torch
 
-from speckle_models.metrics.speckle_stats import cnr, enl, gcnr, speckle_snr
+from speckle_models.metrics.speckle_stats import cnr, enl, gcnr, homogeneous_windows, speckle_snr
 
 MIN_MEAN_FRACTION = 0.5
 SIGMA = 3.0
@@ -53,17 +53,15 @@ def tissue_window(before: np.ndarray, tissue: np.ndarray, size: int) -> tuple[in
 
     if min(before.shape) < size or tissue.sum() < size * size:
         return None
-    x = torch.from_numpy(before.astype(np.float64))[None, None]
+    x = torch.from_numpy(before.astype(np.float64))[None]
     inside = F.avg_pool2d(torch.from_numpy(tissue.astype(np.float64))[None, None], size, stride=1)[0, 0]
-    mean = F.avg_pool2d(x, size, stride=1)[0, 0]
-    var = (F.avg_pool2d(x.square(), size, stride=1)[0, 0] - mean.square()).clamp_min(0)
+    mean = F.avg_pool2d(x[None], size, stride=1)[0, 0]
     floor = MIN_MEAN_FRACTION * float(np.median(before[tissue]))
-    ok = (inside > 1 - 1e-9) & (mean >= floor)
-    if not bool(ok.any()):
+    allowed = (inside > 1 - 1e-9) & (mean >= floor)
+    if not bool(allowed.any()):
         return None
-    score = torch.where(ok, var, torch.full_like(var, float("inf")))
-    pos = int(score.flatten().argmin())
-    return pos // score.shape[1], pos % score.shape[1], size, size
+    _, boxes = homogeneous_windows(x, size, by="std", allowed=allowed, return_boxes=True)
+    return tuple(int(b) for b in boxes[0, 0])
 
 
 def _smoothed(v: np.ndarray) -> np.ndarray:
