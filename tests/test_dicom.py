@@ -109,7 +109,7 @@ KINDS = ["mono2_8", "mono2_12", "mono1_12", "rgb", "ybr_full", "palette16", "pal
          "rle_rgb_cine", "j2k_ybr_rct", "j2k_ybr_ict", "j2k_gray12", "jpeg_ybr422_cine", "jpeg_ybr_full"]
 SHIPPED = ["JPGExtended.dcm", "SC_rgb_jpeg_gdcm.dcm", "SC_rgb_jls_lossy_sample.dcm", "JPEGLSNearLossless_16.dcm",
            "SC_rgb_rle_16bit_2frame.dcm", "SC_ybr_full_422_uncompressed.dcm", "GDCMJ2K_TextGBR.dcm",
-           "SC_rgb_jpeg_dcmtk.dcm", "ExplVR_BigEnd.dcm", "SC_rgb_dcmtk_+eb+cy+np.dcm"]
+           "SC_rgb_jpeg_dcmtk.dcm", "ExplVR_BigEnd.dcm", "SC_rgb_dcmtk_+eb+cy+np.dcm", "image_dfl.dcm"]
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +134,8 @@ def test_every_kind_decodes_lazily_in_the_display_convention(kinds, name):
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_pydicom_test_files_of_the_other_syntaxes(name):
-    """JPEG extended/lossless, JPEG-LS, 16-bit RGB, YBR_FULL_422 native, big endian: decoded
-    as pydicom decodes them."""
+    """JPEG extended/lossless, JPEG-LS, 16-bit RGB, YBR_FULL_422 native, big endian, deflated:
+    decoded as pydicom decodes them."""
     path = fx.shipped(name)
     if not path.exists():
         pytest.skip(f"pydicom's test file {name} is not installed")

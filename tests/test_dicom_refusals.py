@@ -148,6 +148,21 @@ def test_memory_and_disk_are_checked_before_writing(tmp_path, ckpt, capsys, monk
     refused(ckpt, capsys, tmp_path, path, "GiB free")
 
 
+def test_a_deflated_cine_is_decoded_whole_so_memory_counts_every_frame(tmp_path, ckpt, capsys, monkeypatch):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    rng = np.random.default_rng(35)
+    frames = np.stack([fx.scanner_frame(rng, colour=False)[0] for _ in range(12)])
+    ds = fx.base_dataset(frames, "MONOCHROME2")
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    path = fx.save(ds, tmp_path / "deflated.dcm")
+    source = frame_io.open_source(path)
+    assert not source.streamable and np.array_equal(np.stack(list(source)), frames)
+    per_frame = 2 * source.frame_bytes + source.height * source.width * frame_io.BYTES_PER_PIXEL_IN_FLIGHT
+    monkeypatch.setattr(frame_io, "available_memory", lambda: 6 * per_frame)  # a batch of 2 fits, 12 do not
+    refused(ckpt, capsys, tmp_path, path, "12 frame(s)", "stream 12 at a time", extra=("--batch-size", "2"))
+
+
 def _peak_bytes(ckpt, capsys, path, out) -> tuple[int, dict]:
     tracemalloc.start()
     try:

@@ -22,6 +22,10 @@ or corrupt, no pixel data (a structured report, a presentation state), float pix
 signed pixels, BitsAllocated other than 8 or 16, truncated pixel data, a tissue region outside
 the image (regions.py).
 
+Deflated Explicit VR Little Endian is the one syntax that cannot be read frame by frame (the
+whole dataset is one zlib stream): it is decoded whole, and frame_io.check_resources counts
+all its frames as in flight.
+
 Writing (`DicomSink`): a derived instance of the input, streamed frame by frame into a temp
 file beside the target and published by one rename (atomic_write.atomic_path): the input's
 header (patient, study, equipment, frame timing, ultrasound regions, private tags) with a new
@@ -59,6 +63,7 @@ DECODER_PACKAGES = {  # transfer syntax UID -> the pip packages that decode it
 LOSSY_METHODS = {"1.2.840.10008.1.2.4.50": "ISO_10918_1", "1.2.840.10008.1.2.4.51": "ISO_10918_1",
                  "1.2.840.10008.1.2.4.81": "ISO_14495_1", "1.2.840.10008.1.2.4.91": "ISO_15444_1",
                  "1.2.840.10008.1.2.4.93": "ISO_15444_2", "1.2.840.10008.1.2.4.203": "ISO_15444_15"}
+DEFLATED = "1.2.840.10008.1.2.1.99"  # the whole dataset is deflated: read into memory whole
 COLOUR_KINDS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR")
 GRAY_KINDS = ("MONOCHROME1", "MONOCHROME2")
 _PALETTE_TAGS = [0x00281101, 0x00281102, 0x00281103, 0x00281199, 0x00281201, 0x00281202,
@@ -120,13 +125,15 @@ class DicomSource:
         if self.photometric == "PALETTE COLOR":
             self.max_value, self._lut_divisor = self._palette_scale(ds)
         self.dtype = np.dtype(np.uint8 if self.max_value <= 255 else np.uint16)
+        self.streamable = self.transfer_syntax != DEFLATED  # else decoded whole (memory check)
 
     # ------------------------------------------------------------------ checks
 
     def _check_pixel_extent(self, ds, f, start: int) -> None:
         path = self.path
-        tag = _pixel_tag(f, start, ds)
-        if tag != 0x7FE00010:
+        deflated = ds.file_meta.TransferSyntaxUID == DEFLATED
+        tag = None if deflated else _pixel_tag(f, start, ds)  # deflated: no raw file positions
+        if not deflated and tag != 0x7FE00010:
             what = ("float pixel data (not supported: integer pixels only)"
                     if tag in (0x7FE00008, 0x7FE00009) else "no pixel data")
             sop = getattr(getattr(ds, "SOPClassUID", None), "name", "")
@@ -151,6 +158,8 @@ class DicomSource:
                     f"'speckle-kernels[dicom]')") if packages else "no decoder plugin is known for it"
             raise ValueError(f"{path}: its pixel data is {uid.name} ({uid}), which needs a decoder "
                              f"plugin that is not installed: {hint}")
+        if deflated:  # checked when decoded (before anything is written)
+            return
         # the pixel data element: tag, then (explicit VR) VR + length, or (implicit) length
         f.seek(start)
         head = f.read(12)
@@ -202,7 +211,9 @@ class DicomSource:
         from pydicom.pixels import apply_color_lut, iter_pixels
 
         try:
-            for k, frame in enumerate(iter_pixels(self.path)):
+            # a path: pydicom reads frame by frame; a deflated file is inflated whole first
+            src = self.path if self.streamable else _pydicom(self.path).dcmread(self.path)
+            for k, frame in enumerate(iter_pixels(src)):
                 if self.photometric == "PALETTE COLOR":
                     frame = apply_color_lut(frame, self.dataset) // self._lut_divisor
                 frame = np.minimum(frame, self.max_value).astype(self.dtype, copy=False)
@@ -212,7 +223,8 @@ class DicomSource:
                                    else (self.height, self.width, 3)):
                     raise ValueError(f"frame {k} has shape {frame.shape}")
                 yield frame
-        except (ValueError, RuntimeError, NotImplementedError, OSError, EOFError) as e:
+        except (ValueError, RuntimeError, NotImplementedError, OSError, EOFError, AttributeError,
+                KeyError) as e:
             why = " ".join(str(e).split()) or type(e).__name__  # pydicom lists each plugin's error
             raise ValueError(f"{self.path}: cannot decode its pixel data "
                              f"({self.transfer_syntax.name}): {why}") from e

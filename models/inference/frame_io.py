@@ -7,6 +7,7 @@ A frame SOURCE is one input file, opened cheaply (the header only) and iterated 
     source.count, source.height, source.width, source.samples (1 gray | 3 RGB)
     source.max_value, source.dtype    # v = pixels / max_value; frames are uint8 or uint16
     source.frame_bytes                # one decoded frame
+    source.streamable                 # False where the file must be decoded whole (deflated DICOM)
     for frame in source: ...          # (H, W) or (H, W, 3), decoded one at a time, display
                                       # convention (high = bright, RGB for every colour kind)
 
@@ -63,6 +64,7 @@ class PillowSource:
         except (UnidentifiedImageError, OSError, SyntaxError, EOFError) as e:
             raise ValueError(f"{path}: not a readable PNG, JPEG or TIFF image "
                              f"({type(e).__name__}: {e})") from e
+        self.streamable = True  # pages are decoded one at a time
         self.samples = 1 if first.ndim == 2 else 3
         self.dtype = first.dtype
         self.max_value = 255 if first.dtype == np.uint8 else 65535
@@ -256,7 +258,7 @@ def check_resources(source, *, batch: int, prefetch: int, out_dir: Path, output_
     """One line naming the file when its frames in flight do not fit in memory or its output
     does not fit on disk (before anything is written)."""
     gib = 2.0 ** 30
-    in_flight = min(source.count, batch + prefetch)
+    in_flight = min(source.count, batch + prefetch) if getattr(source, "streamable", True) else source.count
     need = in_flight * (2 * source.frame_bytes + source.height * source.width * BYTES_PER_PIXEL_IN_FLIGHT)
     have = available_memory()
     if need > have:
