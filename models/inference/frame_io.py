@@ -18,7 +18,10 @@ A frame SINK is one output, written frame by frame and published atomically:
     sink.abort()                      # on any error: nothing is left, under any name
     (or: with sink: ...  -- commit on a clean exit, abort on an exception)
 
-Memory is then bounded by the frames in flight (the prefetch queue and one batch), not by the
+The pipeline (tissue.stream_file): `prefetch` decodes in one thread up to a batch ahead,
+`WriteBehind` encodes and writes in another, the network runs in between; frames stay in order.
+
+Memory is then bounded by the frames in flight (the two queues and one batch), not by the
 file: `check_resources` refuses, before any work, a run whose batch does not fit in the
 available memory, or whose output does not fit on the output's disk.
 
@@ -255,10 +258,11 @@ BYTES_PER_PIXEL_IN_FLIGHT = 16
 
 
 def check_resources(source, *, batch: int, prefetch: int, out_dir: Path, output_bytes: int) -> None:
-    """One line naming the file when its frames in flight do not fit in memory or its output
-    does not fit on disk (before anything is written)."""
+    """One line naming the file when its frames in flight (a batch, and `prefetch` frames in
+    each of the decode and write queues; every frame of a source that is not streamable) do not
+    fit in memory, or its output does not fit on disk (checked before anything is written)."""
     gib = 2.0 ** 30
-    in_flight = min(source.count, batch + prefetch) if getattr(source, "streamable", True) else source.count
+    in_flight = min(source.count, batch + 2 * prefetch) if getattr(source, "streamable", True) else source.count
     need = in_flight * (2 * source.frame_bytes + source.height * source.width * BYTES_PER_PIXEL_IN_FLIGHT)
     have = available_memory()
     if need > have:
@@ -308,3 +312,38 @@ def prefetch(iterable, depth: int):
             except queue.Empty:
                 pass
         thread.join()
+
+
+class WriteBehind:
+    """Frames handed to a sink's write() in a background thread, at most `depth` queued (encode
+    of this batch while the network runs on the next). close() waits for the queue and raises
+    the writer's error, if any; after an error further writes raise it at once."""
+
+    def __init__(self, sink, depth: int):
+        self.sink = sink
+        self._items: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, daemon=True, name="speckle-encode")
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            frame = self._items.get()
+            if frame is None:
+                return
+            if self._error is None:
+                try:
+                    self.sink.write(frame)
+                except BaseException as e:  # handed to the producer
+                    self._error = e
+
+    def write(self, frame: np.ndarray) -> None:
+        if self._error is not None:
+            raise self._error
+        self._items.put(frame)
+
+    def close(self) -> None:
+        self._items.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error

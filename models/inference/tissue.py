@@ -17,8 +17,9 @@ padding), every pixel replaced.
 
 Streaming (`stream_file`): frames come from a source lazily, are decoded in a background
 thread up to one batch ahead (frame_io.prefetch), go through the network a batch at a time,
-and are written to the sink as soon as they come out; a tqdm bar counts frames (frames/s).
-Memory: the prefetched frames plus one batch, whatever the cine's length.
+and are encoded and written by another thread as they come out (frame_io.WriteBehind, at most
+one batch queued); a tqdm bar counts frames (frames/s). Memory: the prefetched frames, one
+batch and the write queue, whatever the cine's length.
 """
 from __future__ import annotations
 
@@ -125,19 +126,22 @@ def peek(source):
 
 
 def stream_file(frames, count: int, denoiser: TissueDenoiser, sink, *, batch_size: int, bar=None,
-                name: str = "", on_frame=None) -> int:
+                name: str = "", on_frame=None, pipeline: bool = True) -> int:
     """Every frame of `frames` through the denoiser into the open sink, a batch at a time;
-    on_frame(k, FrameResult) after each frame is written. Returns the frames written."""
-    from speckle_models.inference.frame_io import prefetch
+    on_frame(k, FrameResult) after each frame is handed to the sink. pipeline: decode ahead and
+    write behind in threads (frame_io.prefetch, frame_io.WriteBehind); False runs all three in
+    turn (for comparison). Returns the frames written."""
+    from speckle_models.inference.frame_io import WriteBehind, prefetch
 
     written = 0
     pending: list[np.ndarray] = []
+    writer = WriteBehind(sink, batch_size) if pipeline else sink
 
     def flush():
         nonlocal written
         names = [f"{name} (frame {written + i})" if count > 1 else name for i in range(len(pending))]
         for result in denoiser(pending, names):
-            sink.write(result.pixels)
+            writer.write(result.pixels)
             if on_frame is not None:
                 on_frame(written, result)
             written += 1
@@ -145,10 +149,14 @@ def stream_file(frames, count: int, denoiser: TissueDenoiser, sink, *, batch_siz
                 bar.update(1)
         pending.clear()
 
-    for frame in prefetch(frames, batch_size):
-        pending.append(frame)
-        if len(pending) == batch_size:
+    try:
+        for frame in (prefetch(frames, batch_size) if pipeline else frames):
+            pending.append(frame)
+            if len(pending) == batch_size:
+                flush()
+        if pending:
             flush()
-    if pending:
-        flush()
+    finally:
+        if pipeline:
+            writer.close()  # the writer's error, if any, is raised here
     return written
