@@ -8,7 +8,7 @@ import sys
 
 # import name -> distribution, for the message
 MODELS_EXTRA = {"PIL": "pillow", "skimage": "scikit-image", "scipy": "scipy", "tqdm": "tqdm",
-                "matplotlib": "matplotlib"}
+                "matplotlib": "matplotlib", "tifffile": "tifffile"}
 
 
 def require_extra(command: str, extra: str, modules: dict[str, str]) -> None:

@@ -1,33 +1,38 @@
-"""speckle-denoise: run a trained denoiser on real images, at their native resolution.
+"""speckle-denoise: run a trained denoiser on scanner images, changing the tissue only.
 
-    speckle-denoise runs/br5/checkpoint.pt scan.png cine.dcm frames/ --out denoised/ [--metrics]
+    speckle-denoise runs/br5/checkpoint.pt scan.dcm cine.dcm frames/ --out denoised/ [--metrics]
+
+DICOM in gives a derived DICOM instance out (dicom_io.py); PNG/JPEG/TIFF in gives PNG out
+(--format dicom|png|tiff). Only the tissue is despeckled: the file's 2D tissue ultrasound
+regions, or --region T,L,H,W boxes, or the automatically detected tissue area (regions.py);
+everything else stays bit-identical, colour and white pixels inside too (tissue.py). Which was
+used is printed per file and kept in the summary. --whole-frame runs the network on the whole
+frame as before (phantom images, crops that are all tissue).
+
+Files are streamed: frames decoded one batch ahead in a thread, denoised a batch at a time,
+written as they come (frame_io.py: the frame-source / frame-sink interface); a progress bar
+counts frames/s, and the summary gives frames/s end to end (decode + network + encode). Every
+input is opened and checked (header, regions, memory, disk) before any output is written; a
+failure is one line naming the file and the problem, and leaves no file behind.
 
 Python: `load_denoiser(checkpoint, device)` gives the network (eval mode, on the device);
-`denoise_images(model_or_checkpoint, arrays)` denoises (H, W) / (H, W, 3|4) uint8, uint16 or
-[0, 1] float arrays and returns grayscale arrays of the same dtype. Files: image_io.py.
+`denoise_images(model_or_checkpoint, arrays)` denoises whole (H, W) / (H, W, 3|4) uint8,
+uint16 or [0, 1] float arrays and returns grayscale arrays of the same dtype.
 
 Intensity: v = stored / max_value (u8 / 255, u16 / 65535, DICOM / (2**BitsStored - 1)), the
 network sees (v - 0.5) / 0.5 as in training (speckle_kernels.noise.make_noisy_batch), its
 output is clamped to [-1, 1], mapped back to v and written at the input's scale and bit depth.
+Sizes: any H, W >= MIN_SIDE (16); larger than max_pixels: tiled (tiling.py, = untiled output).
 
-Native resolution: any H, W >= MIN_SIDE (16: below the U-Nets' 2**4 the bottleneck would see
-mostly padding). The networks replicate-pad to their multiple themselves (16 for the U-Nets,
-2 for Di-Conv-AE; unet.pad_to_multiple) and crop back, so a whole image goes in as it is.
-
-Tiling, when H * W exceeds max_pixels: tiling.py (tiled output equals untiled output).
-
---metrics: speckle SNR and ENL on the most homogeneous window of the input (lowest local
-coefficient of variation, homogeneous_windows(by="cv"); the same window before and after), and
-CNR and gCNR between two given boxes (--roi-a/--roi-b), each before and after, on v in [0, 1]
-(the output as written, after quantization). Non-finite values (a constant region) are null.
+--metrics: inside the tissue only (metrics/tissue_metrics.py): speckle SNR and ENL on the
+input's most homogeneous tissue window (local std, log-compressed data), the edge preservation
+and the change of the local mean beside them, and CNR / gCNR (adaptive bins) between two boxes
+(--roi-a/--roi-b) intersected with the tissue, each before and after the written output.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
-import math
 import os
 import sys
 import time
@@ -37,14 +42,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from speckle_models.atomic_write import atomic_write_text
-
 from speckle_models import MODEL_NAMES, build_model
-from speckle_models.inference.tiling import (DEFAULT_BATCH, DEFAULT_MAX_PIXELS, DEFAULT_TILE, MIN_SIDE, aligned_halo, check_tiling,
-                     default_overlap,
-                     denoise_frames, reaches, receptive_radius, size_multiple, tile_spans)
-from speckle_models.inference.image_io import (IMAGE_SUFFIXES, OUTPUT_FORMATS, ImageFrames, frame_paths, quantize,
-                       read_image, to_unit, write_figure, write_image)
+from speckle_models.inference import frame_io, regions
+from speckle_models.inference.image_io import quantize, to_unit
+from speckle_models.inference.run_files import collect_inputs, existing_outputs, frame_hook, write_metrics
+from speckle_models.inference.tiling import (DEFAULT_BATCH, DEFAULT_MAX_PIXELS, DEFAULT_TILE, MIN_SIDE,
+                                             aligned_halo, check_tiling, default_overlap, denoise_frames,
+                                             reaches, receptive_radius, size_multiple, tile_spans)
 
 METRICS_WINDOW = 32
 
@@ -80,7 +84,13 @@ def _load(checkpoint, device="auto", *, fold: bool = False) -> tuple[nn.Module, 
     if fold:
         from speckle_models.networks.fold import fold_norms
         model = fold_norms(model)
-    info = {"checkpoint": str(path), "model": name, "width": width, "norm": config.get("norm"),
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    info = {"checkpoint": str(path), "checkpoint_sha256": digest.hexdigest(), "model": name, "width": width, "norm": config.get("norm"),
             "noise_factor": config.get("noise_factor"), "epoch": ckpt.get("epoch"),
             "folded": fold, "device": str(device)}
     return model, info
@@ -112,103 +122,7 @@ def denoise_images(model_or_checkpoint, images, *, device: str | torch.device = 
     return [o if scale is None else quantize(o, scale) for o, (_, scale) in zip(outs, units)]
 
 
-# ----------------------------------------------------------------------------- metrics
-
-def frame_metrics(before: np.ndarray, after: np.ndarray, *, window: int = METRICS_WINDOW,
-                  roi_a=None, roi_b=None) -> dict:
-    """Speckle SNR and ENL on the input's most homogeneous window, CNR and gCNR between two
-    boxes, before and after (v in [0, 1]); None where undefined."""
-    from speckle_models.metrics.speckle_stats import cnr, enl, gcnr, homogeneous_windows, speckle_snr
-
-    pair = torch.from_numpy(np.stack([before, after]).astype(np.float64))
-    row: dict = {}
-
-    def put(name, values):
-        for when, v in zip(("before", "after"), values.tolist()):
-            row[f"{name}_{when}"] = v if math.isfinite(v) else None
-
-    size = min(window, *before.shape)
-    try:
-        _, boxes = homogeneous_windows(pair[:1], size, by="cv", return_boxes=True)
-        box = tuple(int(v) for v in boxes[0, 0])
-        row["window"] = list(box)
-        put("snr", speckle_snr(pair, box))
-        put("enl", enl(pair, box))
-    except ValueError:  # no window with a positive mean (a black image)
-        row["window"] = None
-        row.update(snr_before=None, snr_after=None, enl_before=None, enl_after=None)
-    if roi_a is not None and roi_b is not None:
-        put("cnr", cnr(pair, tuple(roi_a), tuple(roi_b)))
-        put("gcnr", gcnr(pair, tuple(roi_a), tuple(roi_b)))
-    return row
-
-
-def write_metrics(out: Path, rows: list[dict], meta: dict, *, overwrite: bool) -> None:
-    atomic_write_text(out / "metrics.json", json.dumps({**meta, "images": rows}, indent=2) + "\n",
-                      overwrite=overwrite)
-    fields = ["file", "frame", "output", "height", "width", "window_top", "window_left",
-              "window_height", "window_width", "snr_before", "snr_after", "enl_before", "enl_after",
-              "cnr_before", "cnr_after", "gcnr_before", "gcnr_after"]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        box = row.get("window") or [None] * 4
-        writer.writerow({**row, **dict(zip(fields[5:9], box))})
-    atomic_write_text(out / "metrics.csv", buf.getvalue(), overwrite=overwrite)
-
-
-# ----------------------------------------------------------------------------- files
-
-def collect_inputs(inputs: list[str], out: Path) -> list[tuple[Path, Path]]:
-    """(input file, output stem) pairs. A file keeps its own name (any suffix: formats are
-    sniffed); a folder is walked recursively for IMAGE_SUFFIXES (case-insensitive), sorted,
-    hidden names and the output folder skipped, and its sub-folders are kept under out."""
-    out_resolved = out.resolve()
-    pairs = []
-    for arg in inputs:
-        p = Path(arg)
-        if p.is_file():
-            pairs.append((p, out / p.stem))
-        elif p.is_dir():
-            found = []
-            for root, dirs, files in os.walk(p):
-                root_p = Path(root)
-                dirs[:] = sorted(d for d in dirs if not d.startswith(".")
-                                 and (root_p / d).resolve() != out_resolved)
-                found += [root_p / f for f in files
-                          if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES]
-            if not found:
-                raise ValueError(f"{p}: no {', '.join(IMAGE_SUFFIXES)} files in this folder")
-            for f in sorted(found):
-                rel = f.relative_to(p)
-                pairs.append((f, out / rel.parent / rel.stem))
-        else:
-            raise FileNotFoundError(f"{p}: no such file or folder")
-    seen: dict[Path, Path] = {}
-    for src, stem in pairs:
-        if stem in seen:
-            raise ValueError(f"{seen[stem]} and {src} would both be written to {stem}.*; "
-                             "denoise them into different --out folders")
-        seen[stem] = src
-    return pairs
-
-
-def _existing_outputs(stem: Path, fmt: str, figure: bool) -> list[Path]:
-    """Files a run could write for this stem that exist already (checked before any work)."""
-    suffix = OUTPUT_FORMATS[fmt]
-    names = [stem.name + suffix]
-    patterns = [f"{stem.name}.f[0-9][0-9][0-9][0-9]{suffix}"]
-    if figure:
-        names.append(stem.name + ".figure.png")
-        patterns.append(f"{stem.name}.f[0-9][0-9][0-9][0-9].figure.png")
-    if not stem.parent.is_dir():
-        return []
-    found = [stem.parent / n for n in names if (stem.parent / n).exists()]
-    for pattern in patterns:
-        found += sorted(stem.parent.glob(pattern))
-    return found
-
+# ----------------------------------------------------------------------------- the command
 
 def _box(text: str) -> tuple[int, int, int, int]:
     try:
@@ -226,12 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="checkpoint.pt of a speckle-train run")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="PNG/JPEG/TIFF/DICOM files, or folders (walked recursively)")
+                   help="DICOM/PNG/JPEG/TIFF files, or folders (walked recursively)")
     p.add_argument("--out", required=True, help="output folder (created; sub-folders mirror input folders)")
-    p.add_argument("--format", choices=tuple(OUTPUT_FORMATS), default="png",
-                   help="output format, at the input's bit depth (default png)")
+    p.add_argument("--format", choices=tuple(frame_io.OUTPUT_FORMATS),
+                   help="output format (default: dicom for DICOM input, png otherwise), at the input's "
+                        "bit depth and colour kind")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--region", type=_box, action="append", metavar="T,L,H,W",
+                       help="a tissue box (top, left, height, width; repeatable): despeckle these only, "
+                            "instead of the file's ultrasound regions or automatic detection")
+    where.add_argument("--detect-tissue", action="store_true",
+                       help="ignore the file's ultrasound regions and detect the tissue area")
+    where.add_argument("--whole-frame", action="store_true",
+                       help="run the network on the whole frame (every pixel changes)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    p.add_argument("--figure", action="store_true", help="also write NAME.figure.png: input | output")
+    p.add_argument("--figure", action="store_true", help="also write NAME.figure.png: input | output (gray)")
     p.add_argument("--metrics", action="store_true", help="write OUT/metrics.json and metrics.csv")
     p.add_argument("--roi-a", type=_box, metavar="T,L,H,W", help="first CNR/gCNR region (with --metrics)")
     p.add_argument("--roi-b", type=_box, metavar="T,L,H,W", help="second CNR/gCNR region")
@@ -239,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"side of the homogeneous SNR/ENL window (default {METRICS_WINDOW})")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
-                   help=f"same-size images or tiles per forward pass (default {DEFAULT_BATCH})")
+                   help=f"frames per forward pass (default {DEFAULT_BATCH}); memory is bounded by it")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"tile images with more pixels than this (default {DEFAULT_MAX_PIXELS})")
     p.add_argument("--tile", type=int, default=DEFAULT_TILE, help=f"tile side (default {DEFAULT_TILE})")
@@ -266,89 +189,104 @@ def _check_args(args) -> None:
         raise ValueError("--bf16 is for CUDA; the CPU runs fp32")
 
 
+def plan_file(source, args) -> regions.TissuePlan:
+    """Where the network may change this file's frames (regions.py), from its first frame."""
+    if args.whole_frame:
+        return regions.whole_frame_plan(source.height, source.width)
+    from speckle_models.inference.image_io import gray_level
+
+    file_boxes = []
+    if source.kind == "dicom" and not args.detect_tissue and not args.region:
+        file_boxes = regions.ultrasound_regions(source.dataset, source.height, source.width,
+                                                str(source.path))
+    if args.region:
+        regions.check_boxes([regions.Box(*b) for b in args.region], source.height, source.width,
+                            str(source.path))
+    first = next(iter(source))
+    colour = None if first.ndim == 2 else regions.chroma(first, source.max_value) > regions.CHROMA_MAX
+    return regions.plan_tissue(gray_level(first, source.max_value), colour,
+                               user_boxes=[regions.Box(*b) for b in args.region or []],
+                               file_boxes=file_boxes, name=str(source.path))
+
+
+def _describe(info: dict, plan: regions.TissuePlan) -> str:
+    return (f"Despeckled by speckle-denoise: {info['model']} network (width {info['width']}, norm "
+            f"{info['norm']}, epoch {info['epoch']}), checkpoint SHA-256 {info['checkpoint_sha256']}; "
+            f"tissue: {plan.describe()}; pixels outside the tissue, colour and white pixels unchanged")
+
+
 def run(args) -> dict:
     """The CLI's work (main without the error handling); returns the summary."""
     _check_args(args)
     out = Path(args.out)
     pairs = collect_inputs(args.inputs, out)
-    if not args.overwrite:  # refuse before any work; atomic_path re-checks at each write
-        clash = [p for _, stem in pairs for p in _existing_outputs(stem, args.format, args.figure)]
-        clash += [out / n for n in ("metrics.json", "metrics.csv") if args.metrics and (out / n).exists()]
-        if clash:
-            raise FileExistsError(f"{clash[0]} exists ({len(clash)} output file(s) in the way); "
-                                  "pass --overwrite to replace them")
     model, info = _load(args.checkpoint, args.device, fold=args.fold)
-    overlap = args.overlap
-    if overlap is not None:
-        check_tiling(args.tile, overlap, args.max_pixels, size_multiple(model))
+    if args.overlap is not None:
+        check_tiling(args.tile, args.overlap, args.max_pixels, size_multiple(model))
     amp = args.bf16 and next(model.parameters()).is_cuda
     if args.bf16 and not amp:
         raise ValueError("--bf16 needs a CUDA device")
 
+    # every input opened, planned and checked before anything is written
+    jobs = []
+    for src, stem in pairs:
+        source = frame_io.open_source(src)
+        fmt = args.format or ("dicom" if source.kind == "dicom" else "png")
+        frame_io.check_output(fmt, source)
+        if min(source.height, source.width) < MIN_SIDE:
+            raise ValueError(f"{src} is {source.height}x{source.width}; the networks need at least "
+                             f"{MIN_SIDE}x{MIN_SIDE} pixels")
+        plan = plan_file(source, args)
+        frame_io.check_resources(source, batch=args.batch_size, prefetch=args.batch_size, out_dir=out,
+                                 output_bytes=sum(j[0].count * j[0].frame_bytes for j in jobs)
+                                 + source.count * source.frame_bytes)
+        jobs.append((source, stem, fmt, plan))
+    if not args.overwrite:  # refuse before any work; atomic_path re-checks at each write
+        clash = [p for source, stem, fmt, _ in jobs
+                 for p in existing_outputs(stem, fmt, source.count, args.figure)]
+        clash += [out / n for n in ("metrics.json", "metrics.csv") if args.metrics and (out / n).exists()]
+        if clash:
+            raise FileExistsError(f"{clash[0]} exists ({len(clash)} output file(s) in the way); "
+                                  "pass --overwrite to replace them")
+
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(pairs), unit="file", desc="speckle-denoise", leave=False,
+    from speckle_models.inference.tissue import TissueDenoiser, stream_file
+
+    pad = receptive_radius(model)
+    overlap = args.overlap
+    if overlap is None and any(s.height * s.width > args.max_pixels for s, *_ in jobs):
+        overlap = default_overlap(model)
+    bar = tqdm(total=sum(s.count for s, *_ in jobs), unit="frame", desc="speckle-denoise", leave=False,
                dynamic_ncols=True, file=sys.stderr, disable=args.no_progress)
     rows: list[dict] = []
-    counts = {"files": 0, "frames": 0}
+    files: list[dict] = []
     t0 = time.perf_counter()
-
-    def flush(pending: list[tuple[ImageFrames, Path]]) -> None:
-        frames = [f for im, _ in pending for f in im.frames]
-        names = [f"{im.path} (frame {k})" if len(im.frames) > 1 else str(im.path)
-                 for im, _ in pending for k in range(len(im.frames))]
-        nonlocal overlap
-        if overlap is None and any(f.size > args.max_pixels for f in frames):
-            overlap = default_overlap(model)
-        outs = iter(denoise_frames(model, frames, batch_size=args.batch_size, max_pixels=args.max_pixels,
-                                   tile=args.tile, overlap=overlap, amp=amp, names=names))
-        for im, stem in pending:
-            written = [quantize(next(outs), im.max_value) for _ in im.frames]
-            paths = frame_paths(stem, len(written), args.format)
-            if len(paths) == 1:
-                write_image(paths[0], written, args.format, overwrite=args.overwrite)
-            else:
-                for path, frame in zip(paths, written):
-                    write_image(path, [frame], args.format, overwrite=args.overwrite)
-            for k, (before, after) in enumerate(zip(im.frames, written)):
-                if args.figure:
-                    name = stem.name if len(written) == 1 else f"{stem.name}.f{k:04d}"
-                    write_figure(stem.with_name(name + ".figure.png"), quantize(before, im.max_value),
-                                 after, im.max_value, overwrite=args.overwrite)
-                if args.metrics:
-                    row = {"file": str(im.path), "frame": k, "output": str(paths[min(k, len(paths) - 1)]),
-                           "height": before.shape[0], "width": before.shape[1]}
-                    try:
-                        row.update(frame_metrics(before, after.astype(np.float32) / im.max_value,
-                                                 window=args.metrics_window, roi_a=args.roi_a,
-                                                 roi_b=args.roi_b))
-                    except ValueError as e:
-                        raise ValueError(f"{im.path}: {e}") from e
-                    rows.append(row)
-            counts["files"] += 1
-            counts["frames"] += len(written)
-            bar.update(1)
-
-    pending, queued = [], 0
     try:
-        for src, stem in pairs:
-            image = read_image(src)
-            pending.append((image, stem))
-            queued += len(image.frames)
-            if queued >= args.batch_size:
-                flush(pending)
-                pending, queued = [], 0
-        if pending:
-            flush(pending)
+        for source, stem, fmt, plan in jobs:
+            denoiser = TissueDenoiser(model, plan, source.max_value, pad=pad, batch_size=args.batch_size,
+                                      max_pixels=args.max_pixels, tile=args.tile, overlap=overlap, amp=amp)
+            sink = frame_io.make_sink(fmt, stem, source, _describe(info, plan), overwrite=args.overwrite)
+            paths = frame_io.output_paths(fmt, stem, source.count)
+            on_frame = frame_hook(args, source, stem, paths, rows)
+            with sink:
+                frames = stream_file(source, source.count, denoiser, sink, batch_size=args.batch_size,
+                                     bar=bar, name=str(source.path), on_frame=on_frame)
+            files.append({"input": str(source.path), "output": [str(p) for p in paths], "format": fmt,
+                          "frames": frames, "tissue": plan.describe()})
+            bar.write(f"speckle-denoise: {source.path} -> {paths[0]}"
+                      f"{f' (+{len(paths) - 1})' if len(paths) > 1 else ''}: {frames} frame(s); "
+                      f"tissue: {plan.describe()}", file=sys.stderr)
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    summary = {**info, "out": str(out), **counts, "seconds": seconds,
-               "frames_per_s": counts["frames"] / max(seconds, 1e-9)}
+    frames = sum(f["frames"] for f in files)
+    summary = {**info, "out": str(out), "files": len(files), "frames": frames, "seconds": seconds,
+               "frames_per_s": frames / max(seconds, 1e-9), "outputs": files}
     if args.metrics:
-        meta = {k: summary[k] for k in ("checkpoint", "model", "epoch", "noise_factor")}
+        meta = {k: summary[k] for k in ("checkpoint", "checkpoint_sha256", "model", "epoch", "noise_factor")}
         meta.update(window_size=args.metrics_window, roi_a=args.roi_a, roi_b=args.roi_b,
-                    intensity="v = stored value / max value, in [0, 1]")
+                    intensity="v = stored value / max value, in [0, 1]; inside the tissue only")
         write_metrics(out, rows, meta, overwrite=args.overwrite)
     return summary
 

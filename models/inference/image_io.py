@@ -1,27 +1,25 @@
-"""The image files speckle-denoise reads and writes: PNG, JPEG, TIFF (Pillow) and DICOM (pydicom).
+"""Gray levels and whole images: the helpers speckle-denoise's sources, sinks and API share.
 
-Reading (`read_image`) turns one file into `ImageFrames`: every frame as a float32 (H, W) array
-of v = stored value / max_value in [0, 1], the intensity the networks were trained on (speckle-
-train normalizes v = u8 / 255 and feeds (v - 0.5) / 0.5):
+The gray level v in [0, 1] (float32) is what the networks were trained on (speckle-train
+normalizes v = u8 / 255 and feeds (v - 0.5) / 0.5), from a frame's pixels P at its scale M:
 
-    8-bit gray (L), JPEG, palette, 1-bit       max_value 255
-    16-bit gray PNG/TIFF (I;16*; I in 0..65535)  max_value 65535 (v = u16 / 65535, so a 16-bit
-                                               image the network sees at its full range)
-    DICOM                                      max_value 2**BitsStored - 1 (12-bit data: / 4095)
-    RGB(A), palette, CMYK, YCbCr               luminance Y = 0.299 R + 0.587 G + 0.114 B
+    8-bit gray (L), JPEG, palette, 1-bit       M = 255
+    16-bit gray PNG/TIFF (I;16*; I in 0..65535)  M = 65535 (a 16-bit image at its full range)
+    DICOM gray                                 M = 2**BitsStored - 1 (12-bit data: / 4095)
+    colour (RGB, and what comes to RGB)        luminance Y = 0.299 R + 0.587 G + 0.114 B
                                                (ITU-R BT.601, the weights Pillow's "L" uses), in
                                                float, not rounded to 8 bits; alpha is dropped
 
-Multi-page TIFF, animated PNG and multi-frame (cine) DICOM give one frame per page. DICOM
-MONOCHROME1 (high = dark) is inverted to the display convention (high = bright) and stays so
-in the output; signed, float and palette-colour DICOM pixel data are refused, as are 32-bit
-float images and formats other than the four above. Every refusal is a ValueError naming the
-file (ModuleNotFoundError for DICOM without pydicom, naming the file and the extra to install).
+`read_image` reads a whole file this way through its frame source (frame_io.py: PNG, JPEG,
+TIFF through Pillow; DICOM through dicom_io.py, where the kinds, syntaxes and refusals are).
+Every refusal is a ValueError naming the file (ModuleNotFoundError for DICOM without pydicom,
+naming the file and the extra to install).
 
-Writing (`write_image`): frames quantized back to the input's scale (round(v * max_value), uint8
-when max_value <= 255, else uint16) as grayscale PNG or TIFF, through atomic_file: a temp file
-beside the target, moved into place when complete; overwrite=False refuses an existing file.
-A multi-frame input becomes one multi-page TIFF, or one PNG per frame (`frame_paths`).
+Writing: `quantize` maps v back to the scale (round(v * M), uint8 when M <= 255, else uint16);
+`write_image` writes whole gray frames as PNG or (multi-page) TIFF, `write_figure` a before |
+after picture, through atomic_file (a temp file beside the target, moved into place when
+complete; overwrite=False refuses an existing file). speckle-denoise itself streams frames
+into frame_io's sinks.
 """
 from __future__ import annotations
 
@@ -37,10 +35,6 @@ from speckle_models.atomic_write import atomic_file
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
 OUTPUT_FORMATS = {"png": ".png", "tiff": ".tif"}
 LUMA_601 = (0.299, 0.587, 0.114)
-_PIL_FORMATS = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "TIFF": "tiff"}
-DICOM_INSTALL = "pip install 'speckle-kernels[dicom]' (or: pip install pydicom)"
-DICOM_DECODERS = ("pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg "
-                  "(JPEG, JPEG-LS, JPEG 2000) or pip install python-gdcm")
 
 
 @dataclass
@@ -104,118 +98,27 @@ def is_dicom(path: Path) -> bool:
     return head[128:132] == b"DICM"
 
 
+def gray_level(pixels: np.ndarray, max_value: int) -> np.ndarray:
+    """v in [0, 1], float32, of a frame at max_value: P / M for gray, BT.601 luminance / M for
+    (H, W, 3) colour."""
+    g = luminance(pixels) if pixels.ndim == 3 else pixels.astype(np.float32)
+    return np.clip(g / np.float32(max_value), 0.0, 1.0)
+
+
 def read_image(path: str | os.PathLike) -> ImageFrames:
-    """Every frame of one image file (module docstring); ValueError naming the file if it
-    is corrupt, of an unsupported format or pixel type, or has no frame."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no image file at {path}")
-    return _read_dicom(path) if is_dicom(path) else _read_pillow(path)
+    """Every frame of one image file as gray levels (module docstring), through the file's
+    frame source (frame_io.open_source); ValueError naming the file if it is corrupt, of an
+    unsupported format or pixel type, or has no frame."""
+    from speckle_models.inference.frame_io import open_source
 
-
-def _read_pillow(path: Path) -> ImageFrames:
-    from PIL import Image, ImageSequence, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            kind = _PIL_FORMATS.get(im.format or "")
-            if kind is None:
-                raise ValueError(f"{path}: unsupported image format {im.format} "
-                                 "(speckle-denoise reads PNG, JPEG, TIFF and DICOM)")
-            pages = [_pil_frame(frame.copy(), path) for frame in ImageSequence.Iterator(im)]
-    except (UnidentifiedImageError, OSError, SyntaxError, EOFError) as e:
-        # OSError: truncated or damaged data found while decoding (Pillow's "image file is
-        # truncated", zlib errors); SyntaxError: a damaged header (Pillow's own use of it).
-        raise ValueError(f"{path}: not a readable PNG, JPEG or TIFF image "
-                         f"({type(e).__name__}: {e})") from e
-    scales = {m for _, m in pages}
-    if len(scales) > 1:
-        raise ValueError(f"{path}: frames of different bit depths ({sorted(scales)})")
-    return ImageFrames(path, [v for v, _ in pages], scales.pop(), kind)
-
-
-def _pil_frame(im, path: Path) -> tuple[np.ndarray, int]:
-    """(v, max_value) of one Pillow frame."""
-    mode = im.mode
-    if mode.startswith("I;16"):
-        return np.asarray(im).astype(np.float32) / 65535.0, 65535
-    if mode == "I":  # 16-bit PNG/TIFF in some Pillow versions; accepted when it fits 16 bits
-        a = np.asarray(im)
-        if a.size and (a.min() < 0 or a.max() > 65535):
-            raise ValueError(f"{path}: 32-bit integer pixels outside 0..65535 are not supported")
-        return a.astype(np.float32) / 65535.0, 65535
-    if mode == "F":
-        raise ValueError(f"{path}: 32-bit float pixels are not supported (8- or 16-bit images only)")
-    if mode in ("L", "LA", "La"):
-        return np.asarray(im.getchannel(0), dtype=np.float32) / 255.0, 255
-    if mode == "1":
-        return np.asarray(im.convert("L"), dtype=np.float32) / 255.0, 255
-    if mode not in ("RGB", "RGBA", "RGBX", "RGBa"):
-        im = im.convert("RGBA" if mode in ("P", "PA") else "RGB")  # palette, CMYK, YCbCr, LAB...
-    return luminance(np.asarray(im)) / 255.0, 255
-
-
-def _read_dicom(path: Path) -> ImageFrames:
-    try:
-        import pydicom
-        from pydicom.errors import InvalidDicomError
-    except ImportError as e:
-        raise ModuleNotFoundError(f"{path} is a DICOM file; reading DICOM needs pydicom: "
-                                  f"{DICOM_INSTALL}") from e
-    try:
-        ds = pydicom.dcmread(path)
-    except InvalidDicomError as e:
-        raise ValueError(f"{path}: not a valid DICOM file ({e})") from e
-    except Exception as e:  # truncated elements, bad lengths...
-        raise ValueError(f"{path}: corrupt DICOM file ({type(e).__name__}: {e})") from e
-    if "PixelData" not in ds:
-        raise ValueError(f"{path}: DICOM file without (integer) pixel data")
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
-    if photometric == "PALETTE COLOR":
-        raise ValueError(f"{path}: palette-colour DICOM is not supported")
-    if int(ds.get("PixelRepresentation", 0)) != 0:
-        raise ValueError(f"{path}: signed DICOM pixel data is not supported (unsigned 8-16 bit only)")
-    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 0)))
-    if not 1 <= bits <= 16:
-        raise ValueError(f"{path}: {bits}-bit DICOM pixel data is not supported (1-16 bits)")
-    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    try:
-        arr = ds.pixel_array  # pydicom 3 converts YBR colour to RGB here
-    except Exception as e:  # no decoder for the transfer syntax, or damaged pixel data
-        what = f"transfer syntax {ts.name} ({ts})" if ts is not None else "an unknown transfer syntax"
-        compressed = ts is not None and getattr(ts, "is_compressed", False)
-        hint = f"; compressed pixel data needs a decoder: {DICOM_DECODERS}" if compressed else ""
-        raise ValueError(f"{path}: cannot decode DICOM pixel data with {what}: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}{hint}") from e
-    samples = int(ds.get("SamplesPerPixel", 1))
-    frames_n = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames_n == 1:
-        arr = arr[None]
-    expected_dim = 4 if samples > 1 else 3
-    if arr.ndim != expected_dim:
-        raise ValueError(f"{path}: unexpected DICOM pixel array shape {arr.shape} "
-                         f"({frames_n} frames, {samples} samples per pixel)")
-    max_value = 2 ** bits - 1
-    if samples > 1:
-        frames = [luminance(f) for f in arr]
-    else:
-        frames = [f.astype(np.float32) for f in arr]
-    frames = [np.clip(f / np.float32(max_value), 0.0, 1.0) for f in frames]
-    if photometric == "MONOCHROME1":
-        frames = [1.0 - f for f in frames]
-    return ImageFrames(path, frames, max_value, "dicom")
+    source = open_source(path)
+    frames = [gray_level(f, source.max_value) for f in source]
+    if not frames:
+        raise ValueError(f"{source.path}: no frames")
+    return ImageFrames(source.path, frames, source.max_value, source.kind)
 
 
 # ----------------------------------------------------------------------------- writing
-
-def frame_paths(stem: Path, frames: int, fmt: str) -> list[Path]:
-    """Where `frames` output frames of one input go: stem.png / stem.tif for one frame; a
-    multi-page stem.tif, or stem.f0000.png, stem.f0001.png, ... for several."""
-    suffix = OUTPUT_FORMATS[fmt]
-    if frames == 1 or fmt == "tiff":
-        return [stem.with_name(stem.name + suffix)]
-    return [stem.with_name(f"{stem.name}.f{i:04d}{suffix}") for i in range(frames)]
-
 
 def _encode(f, frames: list[np.ndarray], fmt: str) -> None:
     """The one place output image bytes are written (tests make it fail on purpose)."""

@@ -1,0 +1,162 @@
+"""Despeckling the tissue of frames, everything else bit-identical, and streaming a file through it.
+
+For each frame of a batch (pixels P, gray or RGB integers at max_value M; gray level
+v = P / M, or the BT.601 luminance of RGB / M):
+    kept      = regions.overlay_mask(P, v): colour and white pixels (kept as they are)
+    tissue_k  = plan.masks[k] & ~kept, in part k's box      (only these pixels change)
+    crop_k    = part k's box grown by `pad` (the network's receptive radius) on every side,
+                every pixel outside tissue_k replaced by its reflection (regions.reflect_fill)
+    y_k       = the network on crop_k (tiling.denoise_frames: batched across the frames of the
+                batch, tiled above max_pixels), cropped back to the box
+    gray out  = P, with round(y * M) on tissue_k
+    RGB out   = P, with round(P_c + (y - v) * M) per channel c on tissue_k (the luminance moves
+                by y - v, the pixel's chroma stays: a tinted gray map stays tinted; a neutral
+                gray R = G = B = p becomes round(y * M) in all three)
+A "whole frame" plan is the old behaviour: the network on the whole frame (its own replicate
+padding), every pixel replaced.
+
+Streaming (`stream_file`): frames come from a source lazily, are decoded in a background
+thread up to one batch ahead (frame_io.prefetch), go through the network a batch at a time,
+and are encoded and written by another thread as they come out (frame_io.WriteBehind, at most
+one batch queued); a tqdm bar counts frames (frames/s). Memory: the prefetched frames, one
+batch and the write queue, whatever the cine's length.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from speckle_models.inference import regions
+from speckle_models.inference.image_io import gray_level
+from speckle_models.inference.tiling import denoise_frames
+
+
+@dataclass
+class FrameResult:
+    """One frame through the network: the pixels written, and for the metrics the gray level
+    before and after and the pixels that changed (frame coordinates)."""
+    pixels: np.ndarray
+    before: np.ndarray
+    after: np.ndarray
+    tissue: np.ndarray
+
+
+class TissueDenoiser:
+    """Calls the network on the tissue of a batch of frames (module docstring)."""
+
+    def __init__(self, model: nn.Module, plan: regions.TissuePlan, max_value: int, *, pad: int,
+                 **tiling):
+        self.model, self.plan, self.max_value, self.pad, self.tiling = model, plan, max_value, pad, tiling
+        self._static_fill: dict[int, np.ndarray] = {}  # part -> the fill's source indices
+
+    def _crop(self, v: np.ndarray, k: int, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the network's input for part k, the part's tissue mask in the box)."""
+        box, p = self.plan.boxes[k], self.pad
+        tissue = self.plan.masks[k] & ~kept[box.slices]
+        padded = np.zeros((box.height + 2 * p, box.width + 2 * p), bool)
+        padded[p:p + box.height, p:p + box.width] = tissue
+        rows = np.clip(np.arange(box.top - p, box.top + box.height + p), 0, v.shape[0] - 1)
+        cols = np.clip(np.arange(box.left - p, box.left + box.width + p), 0, v.shape[1] - 1)
+        crop = v[np.ix_(rows, cols)]
+        if not tissue.any():
+            return crop, tissue
+        static = not kept[box.slices].any()
+        if static and k in self._static_fill:
+            return crop.ravel()[self._static_fill[k]].reshape(crop.shape), tissue
+        index = regions.reflection_index(padded)
+        if static:
+            self._static_fill[k] = index
+        return crop.ravel()[index].reshape(crop.shape), tissue
+
+    def __call__(self, frames: list[np.ndarray], names: list[str] | None = None) -> list[FrameResult]:
+        m = self.max_value
+        levels = [gray_level(f, m) for f in frames]
+        if self.plan.how == "whole frame":
+            outs = denoise_frames(self.model, levels, names=names, **self.tiling)
+            full = np.ones(levels[0].shape, bool)
+            return [self._merge(f, v, y, full) for f, v, y in zip(frames, levels, outs)]
+        kept = [regions.overlay_mask(f, v, m) for f, v in zip(frames, levels)]
+        crops, tissues = [], []
+        for v, kept_f in zip(levels, kept):
+            for k in range(len(self.plan.boxes)):
+                crop, tissue = self._crop(v, k, kept_f)
+                crops.append(crop)
+                tissues.append(tissue)
+        ys = iter(denoise_frames(self.model, crops, names=None if names is None else
+                                 [f"{n} (region {k + 1})" for n in names for k in range(len(self.plan.boxes))],
+                                 **self.tiling))
+        results, tissue_iter = [], iter(tissues)
+        p = self.pad
+        for f, v in zip(frames, levels):
+            after = v.copy()
+            changed = np.zeros(v.shape, bool)
+            for box in self.plan.boxes:
+                y, tissue = next(ys), next(tissue_iter)
+                y = y[p:p + box.height, p:p + box.width]
+                sub = after[box.slices]
+                sub[tissue] = y[tissue]
+                changed[box.slices] |= tissue
+            results.append(self._merge(f, v, after, changed))
+        return results
+
+    def _merge(self, pixels: np.ndarray, v: np.ndarray, y: np.ndarray, tissue: np.ndarray) -> FrameResult:
+        """The written frame: `pixels` with the tissue replaced (module docstring)."""
+        m = self.max_value
+        out = pixels.copy()
+        y = y.astype(np.float32, copy=False)
+        if pixels.ndim == 2:
+            out[tissue] = np.rint(np.clip(y[tissue], 0, 1) * m).astype(pixels.dtype)
+        else:
+            shift = ((y - v) * m)[tissue][:, None]
+            out[tissue] = np.rint(np.clip(pixels[tissue] + shift, 0, m)).astype(pixels.dtype)
+        after = gray_level(out, m)  # as written (quantized), for the metrics
+        return FrameResult(out, v, after, tissue)
+
+
+def peek(source):
+    """(the first frame, an iterator over every frame including it) of a lazy source."""
+    frames = iter(source)
+    first = next(frames, None)
+    if first is None:
+        raise ValueError(f"{source.path}: no frames")
+    return first, itertools.chain([first], frames)
+
+
+def stream_file(frames, count: int, denoiser: TissueDenoiser, sink, *, batch_size: int, bar=None,
+                name: str = "", on_frame=None, pipeline: bool = True) -> int:
+    """Every frame of `frames` through the denoiser into the open sink, a batch at a time;
+    on_frame(k, FrameResult) after each frame is handed to the sink. pipeline: decode ahead and
+    write behind in threads (frame_io.prefetch, frame_io.WriteBehind); False runs all three in
+    turn (for comparison). Returns the frames written."""
+    from speckle_models.inference.frame_io import WriteBehind, prefetch
+
+    written = 0
+    pending: list[np.ndarray] = []
+    writer = WriteBehind(sink, batch_size) if pipeline else sink
+
+    def flush():
+        nonlocal written
+        names = [f"{name} (frame {written + i})" if count > 1 else name for i in range(len(pending))]
+        for result in denoiser(pending, names):
+            writer.write(result.pixels)
+            if on_frame is not None:
+                on_frame(written, result)
+            written += 1
+            if bar is not None:
+                bar.update(1)
+        pending.clear()
+
+    try:
+        for frame in (prefetch(frames, batch_size) if pipeline else frames):
+            pending.append(frame)
+            if len(pending) == batch_size:
+                flush()
+        if pending:
+            flush()
+    finally:
+        if pipeline:
+            writer.close()  # the writer's error, if any, is raised here
+    return written
