@@ -222,12 +222,13 @@ def test_ultrasound_regions_are_used_by_default(tmp_path, ckpt, capsys):
     outside = np.ones(rgb.shape[:2], bool)
     outside[t:t + h, l:l + w] = False
     assert np.array_equal(rgb[outside], after[outside]) and not np.array_equal(rgb, after)
-    # a region outside the image: one line naming the file and the region, nothing written
+    # a file region outside the image (a resized export): the tissue is detected instead, and
+    # the output says why; a --region outside: one line naming the file, nothing written
     bad = fx.save(fx.with_regions(fx.base_dataset(rgb[None], "RGB"), fx.region_item((60, 100, 50, 40))),
                   tmp_path / "bad.dcm")
     rc, out, err = cli([ckpt, bad, "--out", tmp_path / "o2"], capsys)
-    assert rc == 2 and "bad.dcm: ultrasound region 1" in err and "outside" in err
-    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o2").exists()
+    assert rc == 0, err
+    assert json.loads(out)["outputs"][0]["tissue"].startswith("auto-detected (the file's ultrasound region 1")
     rc, out, err = cli([ckpt, src, "--out", tmp_path / "o3", "--region", "90,0,10,10"], capsys)
     assert rc == 2 and "r.dcm: --region 90,0,10,10" in err and not (tmp_path / "o3").exists()
 
@@ -331,13 +332,16 @@ def test_pydicom_examples(tmp_path, ckpt, capsys, name):
         assert not _validator_errors(written["output"][0]) - _validator_errors(path)
 
 
-def test_example_regions_that_do_not_fit_are_refused(tmp_path, ckpt, capsys):
-    """pydicom's palette example was cropped without its regions: refused by default, named."""
+def test_example_regions_that_do_not_fit_fall_back_to_detection(tmp_path, ckpt, capsys):
+    """pydicom's palette example was cropped without its regions: the tissue is detected
+    instead, and the output says why."""
     from pydicom import examples
 
-    rc, _, err = cli([ckpt, examples.get_path("palette_color"), "--out", tmp_path / "o"], capsys)
-    assert rc == 2 and "examples_palette.dcm: ultrasound region 1" in err and "lies outside the 350x800" in err
-    assert not (tmp_path / "o").exists()
+    rc, out, err = cli([ckpt, examples.get_path("palette_color"), "--out", tmp_path / "o"], capsys)
+    assert rc == 0, err
+    written = json.loads(out)["outputs"][0]
+    assert written["tissue"].startswith("auto-detected (the file's ultrasound region 1")
+    assert "lies outside the 350x800 image" in written["tissue"]
 
 
 def test_png_and_tiff_out_of_a_colour_cine(tmp_path, ckpt, kinds, capsys):

@@ -195,10 +195,13 @@ def plan_file(source, args) -> regions.TissuePlan:
         return regions.whole_frame_plan(source.height, source.width)
     from speckle_models.inference.image_io import gray_level
 
-    file_boxes = []
+    file_boxes, why_detected = [], ""
     if source.kind == "dicom" and not args.detect_tissue and not args.region:
-        file_boxes = regions.ultrasound_regions(source.dataset, source.height, source.width,
-                                                str(source.path))
+        try:
+            file_boxes = regions.ultrasound_regions(source.dataset, source.height, source.width,
+                                                    str(source.path))
+        except regions.RegionsDoNotFit as e:  # a resized or cropped export: find the tissue instead
+            why_detected = f"the file's {e}"
     if args.region:
         regions.check_boxes([regions.Box(*b) for b in args.region], source.height, source.width,
                             str(source.path))
@@ -206,7 +209,7 @@ def plan_file(source, args) -> regions.TissuePlan:
     colour = None if first.ndim == 2 else regions.chroma(first, source.max_value) > regions.CHROMA_MAX
     return regions.plan_tissue(gray_level(first, source.max_value), colour,
                                user_boxes=[regions.Box(*b) for b in args.region or []],
-                               file_boxes=file_boxes, name=str(source.path))
+                               file_boxes=file_boxes, name=str(source.path), why_detected=why_detected)
 
 
 def _describe(info: dict, plan: regions.TissuePlan) -> str:

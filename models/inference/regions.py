@@ -91,9 +91,15 @@ class TissuePlan:
                                            for b, m in zip(self.boxes, self.masks))
 
 
+class RegionsDoNotFit(ValueError):
+    """The file's Ultrasound Regions do not lie inside its pixels (a resized or cropped export)."""
+
+
 def ultrasound_regions(ds, rows: int, columns: int, name: str) -> list[Box]:
     """The 2D tissue boxes of a dataset's Sequence of Ultrasound Regions ([] without one).
-    ValueError naming `name` for a box that does not lie inside the rows x columns image."""
+    RegionsDoNotFit naming `name` for a box that does not lie inside the rows x columns image
+    (the caller falls back to automatic detection and says so); ValueError for a region
+    without a location."""
     boxes = []
     for k, item in enumerate(ds.get("SequenceOfUltrasoundRegions", None) or [], start=1):
         if int(item.get("RegionSpatialFormat", 0)) != 1 or int(item.get("RegionDataType", 0)) != 1:
@@ -105,9 +111,8 @@ def ultrasound_regions(ds, rows: int, columns: int, name: str) -> list[Box]:
             raise ValueError(f"{name}: ultrasound region {k} has no location ({e})") from e
         box = Box(y0, x0, y1 - y0 + 1, x1 - x0 + 1)
         if not box.inside(rows, columns):
-            raise ValueError(f"{name}: ultrasound region {k} (x {x0}..{x1}, y {y0}..{y1}) lies outside "
-                             f"the {rows}x{columns} image (the file's regions do not match its pixels; give the tissue "
-                             "with --region T,L,H,W or find it with --detect-tissue)")
+            raise RegionsDoNotFit(f"ultrasound region {k} (x {x0}..{x1}, y {y0}..{y1}) lies outside the "
+                                  f"{rows}x{columns} image")
         boxes.append(box)
     return boxes
 
@@ -177,7 +182,7 @@ def min_tissue_pixels(shape) -> int:
 
 
 def plan_tissue(v: np.ndarray, colour: np.ndarray | None, *, user_boxes: list[Box],
-                file_boxes: list[Box], name: str) -> TissuePlan:
+                file_boxes: list[Box], name: str, why_detected: str = "") -> TissuePlan:
     """The tissue plan of a file from its first frame's gray level v (module docstring).
     ValueError naming the file when no tissue is found."""
     rows, columns = v.shape
@@ -187,20 +192,21 @@ def plan_tissue(v: np.ndarray, colour: np.ndarray | None, *, user_boxes: list[Bo
     elif file_boxes:
         plan = TissuePlan("ultrasound regions", list(file_boxes))
     else:
-        plan = TissuePlan("auto-detected", [Box(0, 0, rows, columns)])
+        plan = TissuePlan("auto-detected" + (f" ({why_detected})" if why_detected else ""),
+                          [Box(0, 0, rows, columns)])
     boxes, masks = [], []
     for box in plan.boxes:
         part = detect_tissue(v[box.slices], None if colour is None else colour[box.slices])
         if not part.any():
             continue
-        if plan.how == "auto-detected":  # the box becomes the detected area's bounding box
+        if plan.how.startswith("auto-detected"):  # the box becomes the detected area's bounding box
             r, c = np.nonzero(part.any(axis=1))[0], np.nonzero(part.any(axis=0))[0]
             box = Box(int(r[0]), int(c[0]), int(r[-1] - r[0] + 1), int(c[-1] - c[0] + 1))
             part = part[box.slices]
         boxes.append(box)
         masks.append(part)
     if not boxes:
-        where = "the whole frame" if plan.how == "auto-detected" else f"the {plan.how} box(es)"
+        where = "the whole frame" if plan.how.startswith("auto-detected") else f"the {plan.how} box(es)"
         raise ValueError(f"{name}: no tissue found in {where} (a dense area of gray pixels above "
                          f"{BLACK_LEVEL:g} of full scale, at least {min_tissue_pixels(v.shape)} pixels); "
                          "give it with --region T,L,H,W or use --whole-frame")
