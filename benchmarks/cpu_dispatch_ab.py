@@ -3,6 +3,8 @@ libraries register the same ops, so one process holds one), min of repetitions p
 min over rounds; ratios to the first build, not absolute times (the machine is shared).
 
 usage: python benchmarks/cpu_dispatch_ab.py OUT_DIR NAME=LIB[:CAPABILITY] ... [--rounds 5]
+       python benchmarks/cpu_dispatch_ab.py --reference OUT_DIR   (the installed package's C++
+       kernel against backend="reference": FusedBatchRenorm2d forward+backward, one process)
 e.g.   old=/tmp/old_C.so  new=speckle_kernels/_C.so:avx2  new-default=speckle_kernels/_C.so:default
 A CAPABILITY sets SPECKLE_CPU_CAPABILITY for that worker (the dispatched build's variant).
 Writes dispatch_ab.json and dispatch_ab.md to OUT_DIR.
@@ -76,6 +78,34 @@ def _worker(lib: str, reps: int) -> dict:
     return {"times": times, "capability": str(capability), "threads": torch.get_num_threads()}
 
 
+def _reference_ratio(out_dir: str) -> None:
+    """FusedBatchRenorm2d forward+backward at SHAPE fp32 through the installed package: the C++
+    kernel (a just-in-time build first if need be) against the plain-PyTorch reference."""
+    import torch
+
+    import speckle_kernels as sk
+
+    x = torch.randn(SHAPE, requires_grad=True)
+    dy = torch.randn(SHAPE)
+    best = {}
+    for backend, reps in (("cpu", 5), ("reference", 3), ("cpu", 5)):  # cpu twice: before and after
+        m = sk.FusedBatchRenorm2d(SHAPE[1], backend=backend)
+        m(x).backward(dy)  # warm
+        for _ in range(reps):
+            x.grad = None
+            t0 = time.perf_counter()
+            m(x).backward(dy)
+            best[backend] = min(best.get(backend, float("inf")), time.perf_counter() - t0)
+    record = {"date": datetime.date.today().isoformat(), "device": _cpu_model(), "shape": list(SHAPE),
+              "threads": torch.get_num_threads(), "cpu_kernels": str(torch.ops.speckle_kernels.cpu_capability()),
+              "obtained": sk._ext.cpu_status()["how"], "min_seconds": best,
+              "reference_over_cpu": best["reference"] / best["cpu"]}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "reference_ratio.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    print(json.dumps(record))
+
+
 def _cpu_model() -> str:
     with open("/proc/cpuinfo") as f:
         return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
@@ -84,6 +114,9 @@ def _cpu_model() -> str:
 def main(argv: list[str]) -> None:
     if argv and argv[0] == "--worker":
         print(json.dumps(_worker(argv[1], int(argv[2]))))
+        return
+    if argv and argv[0] == "--reference":
+        _reference_ratio(argv[1])
         return
     rounds = 5
     if "--rounds" in argv:

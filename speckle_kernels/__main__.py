@@ -145,7 +145,7 @@ def check_cpu() -> str:
     results = {}
     for backend in ("reference", "cpu") if _ext.HAS_CPU_EXT else ("reference",):
         dtype = torch.float64 if backend == "reference" else torch.float32
-        xi = x.to(dtype).requires_grad_()
+        xi = x.detach().to(dtype, copy=True).requires_grad_()
         y = FusedBatchRenorm2d(3, backend=backend).to(dtype)(xi)
         y.backward(dy.to(dtype))
         results[backend] = (y.detach().double(), xi.grad.double())

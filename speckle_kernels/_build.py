@@ -2,7 +2,7 @@
 
 One source list and one set of flags serve both (setup.py loads this file by path, before
 speckle_kernels can be imported). The kernels' instruction sets live in their variants'
-translation units (csrc/cpu/variants/, `#pragma GCC target`), so the flags hold no -m option:
+translation units (csrc/variants/, `#pragma GCC target`), so the flags hold no -m option:
 the library runs on any x86-64 CPU and picks its kernels at load (csrc/cpu/cpu_dispatch.cpp).
 
 Just in time (DeepSpeed's op builder does the same): when no ahead-of-time build is installed
@@ -23,24 +23,27 @@ import platform
 import shutil
 import sys
 
-# Sources, relative to csrc/. Link order matters: inline functions of torch's and the standard
-# library's headers that a variant's translation unit emits out of line are COMDAT copies, and
-# the linker keeps the first one it sees. Baseline objects first, then the variants from least
-# to most capable, so that code compiled for the baseline never calls a copy compiled for AVX2
-# or AVX-512 (tests/test_cpu_dispatch.py disassembles the library to check it).
-BASELINE_SOURCES = ("ops_schema.cpp", "cpu/cpu_binding.cpp", "cpu/cpu_dispatch.cpp", "cpu/output_cache.cpp")
-VARIANT_SOURCES = ("cpu/variants/kernels_default.cpp", "cpu/variants/kernels_avx2.cpp",
-                   "cpu/variants/kernels_avx512.cpp")
+# Sources, relative to csrc/, in link order. Inline functions of torch's and the standard
+# library's headers that a variant's translation unit emits out of line are COMDAT copies
+# compiled for its ISA, and the linker keeps the first copy it sees; a translation unit that
+# calls such a function out of line emits its own copy. So baseline objects come first, then the
+# variants from least to most capable: code never runs a copy compiled for more than its own
+# ISA (tests/test_cpu_dispatch.py follows the calls in the disassembled library to prove it).
+# setuptools links in sorted path order (for reproducible builds), the just-in-time build in
+# this order: the names make the two the same (csrc/variants/ sorts after csrc/cpu/ and
+# csrc/ops_schema.cpp; the digits order the variants), and a test checks it.
+BASELINE_SOURCES = ("cpu/cpu_binding.cpp", "cpu/cpu_dispatch.cpp", "cpu/output_cache.cpp", "ops_schema.cpp")
+VARIANT_SOURCES = ("variants/kernels_0_default.cpp", "variants/kernels_1_avx2.cpp",
+                   "variants/kernels_2_avx512.cpp")
 CPU_SOURCES = BASELINE_SOURCES + VARIANT_SOURCES
 # What the CPU build reads: shipped inside the package as speckle_kernels/_csrc (setup.py).
-CSRC_PATTERNS = ("*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cpu/variants/*.cpp", "cpu/variants/*.h",
-                 "include/*.h")
+CSRC_PATTERNS = ("*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "variants/*.cpp", "variants/*.h", "include/*.h")
 JIT_NAME = "speckle_kernels_C"
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def variant_set() -> str:
-    """The variants the sources build here (the condition of csrc/cpu/variants/kernels_avx*.cpp)."""
+    """The variants the sources build here (the condition of csrc/variants/kernels_[12]_avx*.cpp)."""
     if platform.machine().lower() in ("x86_64", "amd64"):
         return "default+avx2+avx512"
     return "default"

@@ -19,7 +19,7 @@
 #include "batch_renorm_passes.h"
 #include "noise_lanes.h"
 
-namespace speckle::cpu::CPU_CAPABILITY {  // one copy per variant (csrc/cpu/variants/)
+namespace speckle::cpu::CPU_CAPABILITY {  // one copy per variant (csrc/variants/)
 namespace {
 
 constexpr int64_t kWindowBits = 64;

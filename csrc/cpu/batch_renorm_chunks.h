@@ -16,7 +16,7 @@
 #include "../include/batch_renorm_math.h"
 #include "vec_helpers.h"
 
-namespace speckle::cpu::CPU_CAPABILITY {  // one copy per variant (csrc/cpu/variants/)
+namespace speckle::cpu::CPU_CAPABILITY {  // one copy per variant (csrc/variants/)
 
 // Plain BatchRenorm: no element hooks. local() gives the per-thread state of a hooks type;
 // per_channel_saves_work() whether the hooks' work shrinks under the per-channel schedule.

@@ -38,7 +38,7 @@
 
 #include "batch_renorm_passes.h"
 
-namespace speckle::cpu::CPU_CAPABILITY {  // one copy per variant (csrc/cpu/variants/)
+namespace speckle::cpu::CPU_CAPABILITY {  // one copy per variant (csrc/variants/)
 namespace {
 
 constexpr int64_t kSmallBytes = int64_t{4} << 20;  // per_channel_schedule

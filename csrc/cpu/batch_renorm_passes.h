@@ -19,7 +19,7 @@
 #include "batch_renorm_chunks.h"
 #include "cpu_kernels.h"
 
-namespace speckle::cpu::CPU_CAPABILITY {  // one copy per variant (csrc/cpu/variants/)
+namespace speckle::cpu::CPU_CAPABILITY {  // one copy per variant (csrc/variants/)
 
 constexpr int64_t kTaskElements = 16384;
 constexpr int64_t kMinParallelElements = 32768;

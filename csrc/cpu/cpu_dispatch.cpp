@@ -1,4 +1,4 @@
-// Which kernel variant (csrc/cpu/variants/) this process runs, chosen once, as ATen's
+// Which kernel variant (csrc/variants/) this process runs, chosen once, as ATen's
 // DispatchStub chooses its kernels (aten/src/ATen/native/DispatchStub.cpp):
 //   the most capable variant the CPU runs, by __builtin_cpu_supports (libgcc's cpuid reader,
 //   which also checks that the OS saves the YMM/ZMM state, XCR0);
@@ -15,7 +15,7 @@
 #include "cpu_kernels.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define SPECKLE_X86_VARIANTS 1  // the condition of csrc/cpu/variants/kernels_avx2.cpp and _avx512.cpp
+#define SPECKLE_X86_VARIANTS 1  // the condition of csrc/variants/kernels_1_avx2.cpp and _2_avx512.cpp
 #endif
 
 namespace speckle::cpu {

@@ -2,7 +2,7 @@
 // caller (cpu_binding.cpp).
 //
 // The vectorised kernels are compiled once per instruction set into this one library (the
-// variants of csrc/cpu/variants/: DEFAULT, AVX2, AVX512_256), each into its own namespace
+// variants of csrc/variants/: DEFAULT, AVX2, AVX512_256), each into its own namespace
 // speckle::cpu::<CPU_CAPABILITY> and each exporting a KernelTable; cpu_dispatch.cpp picks one
 // table at load from what the CPU reports (SPECKLE_CPU_CAPABILITY overrides it), as ATen's
 // DispatchStub does. Everything else is compiled for the baseline ISA only, so the library loads
@@ -101,7 +101,7 @@ std::string cpu_capability_note();
 
 }  // namespace speckle::cpu
 
-#if defined(CPU_CAPABILITY)  // a kernel variant's translation unit (csrc/cpu/variants/)
+#if defined(CPU_CAPABILITY)  // a kernel variant's translation unit (csrc/variants/)
 namespace speckle::cpu::CPU_CAPABILITY {
 BatchRenormForwardFn batch_renorm_forward;
 BatchRenormBackwardFn batch_renorm_backward;

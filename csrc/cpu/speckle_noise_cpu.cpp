@@ -18,7 +18,7 @@
 #include "noise_lanes.h"
 #include "vec_helpers.h"
 
-namespace speckle::cpu::CPU_CAPABILITY {  // one copy per variant (csrc/cpu/variants/)
+namespace speckle::cpu::CPU_CAPABILITY {  // one copy per variant (csrc/variants/)
 namespace {
 
 constexpr int64_t kLanes = 64;

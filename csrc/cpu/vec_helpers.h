@@ -9,7 +9,7 @@
 // Kernel code is compiled only through a variant's translation unit, which sets the ISA and
 // CPU_CAPABILITY (the namespace of ATen's vectors and of this code) first.
 #if !defined(CPU_CAPABILITY)
-#error "CPU kernel code is compiled through csrc/cpu/variants/kernels_*.cpp only"
+#error "CPU kernel code is compiled through csrc/variants/kernels_*.cpp only"
 #endif
 
 #include <ATen/cpu/vec/functional.h>
@@ -20,7 +20,7 @@
 #include <tuple>
 #include <type_traits>
 
-namespace speckle::cpu::CPU_CAPABILITY {  // one copy per variant (csrc/cpu/variants/)
+namespace speckle::cpu::CPU_CAPABILITY {  // one copy per variant (csrc/variants/)
 
 using fVec = at::vec::Vectorized<float>;
 constexpr int64_t kF = fVec::size();

@@ -5,7 +5,7 @@
 // dropout mask's masked moves. This was the fastest configuration when one flag set built the
 // whole extension (benchmarks/results/cpu-2026-12-03/ has the dispatch A/B). Its namespace is
 // AVX512_256, not AVX512: at::vec::AVX512 is ATen's name for its 512-bit vectors, which these
-// are not. See kernels_avx2.cpp for why a pragma.
+// are not. See kernels_1_avx2.cpp for why a pragma.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #if defined(__clang__)  // (not tried here: this project's builds use g++)
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avx512f,avx512dq,avx512bw,avx512vl"))), \
