@@ -1,6 +1,7 @@
 """A/B of two builds of the C++ CPU extension, in one run: interleaved worker processes (two
-libraries register the same ops, so one process holds one), min of repetitions per worker and
-min over rounds; ratios to the first build, not absolute times (the machine is shared).
+libraries register the same ops, so one process holds one), min of repetitions per worker; over
+the rounds both the min and the median of those mins, as ratios to the first build, not absolute
+times (the machine is shared: a min alone rewards whichever build met a quiet moment).
 
 usage: python benchmarks/cpu_dispatch_ab.py OUT_DIR NAME=LIB[:CAPABILITY] ... [--rounds 5]
        python benchmarks/cpu_dispatch_ab.py --reference OUT_DIR   (the installed package's C++
@@ -18,6 +19,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -128,7 +130,7 @@ def main(argv: list[str]) -> None:
         name, rest = spec.split("=", 1)
         lib, _, capability = rest.partition(":")
         builds.append((name, os.path.abspath(lib), capability or None))
-    best: dict = {name: {} for name, _, _ in builds}
+    per_round: dict = {name: {} for name, _, _ in builds}
     info: dict = {}
     for r in range(rounds):
         for name, lib, capability in builds:  # interleaved: each round runs every build once
@@ -140,25 +142,30 @@ def main(argv: list[str]) -> None:
             result = json.loads(out.stdout.strip().splitlines()[-1])
             info[name] = {"capability": result["capability"], "threads": result["threads"]}
             for op, t in result["times"].items():
-                best[name][op] = min(best[name].get(op, float("inf")), t)
+                per_round[name].setdefault(op, []).append(t)
             print(f"round {r + 1}/{rounds} {name}: " + ", ".join(f"{k} {v * 1e3:.1f} ms"
                                                             for k, v in result["times"].items()), flush=True)
     base = builds[0][0]
+    best = {name: {op: min(ts) for op, ts in ops.items()} for name, ops in per_round.items()}
+    median = {name: {op: statistics.median(ts) for op, ts in ops.items()} for name, ops in per_round.items()}
     ratios = {name: {op: best[name][op] / best[base][op] for op in best[base]} for name in best}
+    median_ratios = {name: {op: median[name][op] / median[base][op] for op in best[base]} for name in best}
     record = {"date": datetime.date.today().isoformat(), "device": _cpu_model(), "shape": list(SHAPE),
               "rounds": rounds, "reps_per_round": 5, "builds": {n: {"library": lib, **info[n]} for n, lib, _ in builds},
-              "min_seconds": best, "ratio_to_" + base: ratios}
+              "min_seconds": best, "median_of_round_mins_seconds": median, "per_round_mins_seconds": per_round,
+              "ratio_to_" + base: ratios, "median_ratio_to_" + base: median_ratios}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "dispatch_ab.json"), "w") as f:
         json.dump(record, f, indent=1)
     ops = list(best[base])
     lines = [f"# CPU dispatch A/B ({record['date']}, {record['device']}, {info[base]['threads']} threads)", "",
-             f"Time of each build over `{base}`'s (min of {rounds} interleaved rounds x 5 repetitions; "
-             "below 1 is faster). BatchRenorm and the norm block at (32, 64, 128, 128) fp32.", "",
+             f"Time of each build over `{base}`'s: each cell is min / median over {rounds} interleaved rounds "
+             "of the min of 5 repetitions (below 1 is faster). BatchRenorm and the norm block at "
+             "(32, 64, 128, 128) fp32.", "",
              "| build (variant) | " + " | ".join(ops) + " |", "|---|" + "---|" * len(ops)]
     for name in best:
         lines.append(f"| {name} ({info[name]['capability']}) | "
-                     + " | ".join(f"{ratios[name][op]:.3f}" for op in ops) + " |")
+                     + " | ".join(f"{ratios[name][op]:.2f} / {median_ratios[name][op]:.2f}" for op in ops) + " |")
     with open(os.path.join(out_dir, "dispatch_ab.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -140,6 +140,12 @@ def _functions(objdump_text: str) -> dict:
     for address, (name, _, _) in functions.items():
         by_name.setdefault(name, []).append(address)
     starts = sorted(functions)
+    # GCC's `.cold` part of a function is the same function: its level counts for the hot part,
+    # which jumps to it (else a hot part without AVX from a variant's unit would pass for baseline)
+    for address, (name, level, refs) in functions.items():
+        for ref in refs:
+            if isinstance(ref, int) and ref in functions and functions[ref][0] == name + ".cold":
+                functions[address][1] = max(level, functions[ref][1])
     out = {}
     for address, (name, level, refs) in functions.items():
         edges = set()
