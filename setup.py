@@ -1,70 +1,65 @@
 """Build speckle-kernels' C++/CUDA extensions (metadata and extras: pyproject.toml).
 
-The extensions in csrc/ are built against the torch that is installed, so
-`pip install --no-build-isolation .` builds them at install time; without torch at build time
-(pip's default build isolation) none is built here and the package builds them on first use.
+The Python package works alone (Triton on CUDA, the plain-PyTorch reference elsewhere). The C++
+CPU extension is built ahead of time against the installed torch when torch is importable here
+(`pip install --no-build-isolation .`); otherwise (pip's default build isolation has no torch)
+its sources ship inside the package (speckle_kernels/_csrc) and speckle_kernels/_build.py
+compiles them just in time on first use. The CUDA extension is built ahead of time only.
+Source list and flags: speckle_kernels/_build.py, one for both ways.
 """
 import glob
+import importlib.util
 import os
+import shutil
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _cpu_vector_flags():
-    """AVX2 + FMA + F16C when the building machine has them (at::vec then uses 256-bit
-    vectors), and AVX-512 beside them where it has that; the extension is built where it runs.
-    SPECKLE_CPU_VECTOR=0 turns them all off."""
-    if os.environ.get("SPECKLE_CPU_VECTOR", "1") == "0":
-        return []
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return []
-    if not {"avx2", "fma", "f16c"} <= set(flags):
-        return []
-    avx2 = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    # AVX-512 for the noise kernel's explicit 16-lane path (csrc/cpu/noise_lanes.h); compiler
-    # vectorization stays at 256 bits. SPECKLE_CPU_AVX512=0 leaves it out.
-    if (os.environ.get("SPECKLE_CPU_AVX512", "1") != "0"
-            and {"avx512f", "avx512dq", "avx512bw", "avx512vl"} <= set(flags)):
-        avx2 += ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mprefer-vector-width=256"]
-    return avx2
+def _load_build_module():
+    """speckle_kernels/_build.py by path: importing the package would need torch."""
+    spec = importlib.util.spec_from_file_location(
+        "_speckle_kernels_build", os.path.join(_HERE, "speckle_kernels", "_build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _openmp_flags():
-    """(compile, link) flags: -fopenmp where torch's intra-op pool is OpenMP (Linux builds).
-    at::parallel_for is inline in ATen's headers and runs serially in code compiled without it.
-    The extension links the libgomp that torch ships when there is one (wheels may rename it),
-    so it shares torch's OpenMP runtime and torch.set_num_threads governs it; else the
-    compiler's. SPECKLE_OPENMP=0 turns it off."""
-    if os.environ.get("SPECKLE_OPENMP", "1") == "0":
-        return [], []
-    try:
-        import torch
-        if "OpenMP" not in torch.__config__.parallel_info():
-            return [], []
-        bundled = sorted(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*.so*")))
-    except Exception:
-        return [], []
-    return ["-fopenmp"], ([bundled[0]] if bundled else ["-fopenmp"])
+_build = _load_build_module()
+
+
+class BuildPyWithSources(build_py):
+    """Copies the CPU sources (csrc/, a fixed top-level folder) into the built package as
+    speckle_kernels/_csrc, for the just-in-time build of a non-editable install or a wheel.
+    An editable install reads the repository's csrc/ instead."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        target = os.path.join(self.build_lib, "speckle_kernels", "_csrc")
+        shutil.rmtree(target, ignore_errors=True)
+        for rel in _build.csrc_files(os.path.join(_HERE, "csrc")):
+            self.mkpath(os.path.dirname(os.path.join(target, rel)))  # copy_file makes no folders
+            self.copy_file(os.path.join("csrc", rel), os.path.join(target, rel), preserve_mode=False)
 
 
 def _extensions():
-    """(ext_modules, cmdclass): the CPU extension always; the CUDA one when a toolkit and a CUDA
-    build of torch are present and SPECKLE_SKIP_CUDA_BUILD is unset. MAX_JOBS and
-    TORCH_CUDA_ARCH_LIST are read by torch's BuildExtension."""
+    """(ext_modules, cmdclass): the CPU extension when torch is importable; the CUDA one too when
+    a toolkit and a CUDA build of torch are present and SPECKLE_SKIP_CUDA_BUILD is unset.
+    MAX_JOBS and TORCH_CUDA_ARCH_LIST are read by torch's BuildExtension."""
+    cmdclass = {"build_py": BuildPyWithSources}
     try:
         import torch
         from torch.utils import cpp_extension
-    except ImportError:  # no torch at build time: pure-Python install, the package falls back
-        return [], {}
-    omp_compile, omp_link = _openmp_flags()
-    cxx = ["-O3", *_cpu_vector_flags(), *omp_compile]  # the C++ standard: build_ext's
+    except ImportError:  # no torch at build time: the kernels are built just in time on first use
+        return [], cmdclass
+    cflags, ldflags = _build.cpu_flags()
     exts = [cpp_extension.CppExtension(
-        "speckle_kernels._C",
-        sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")),
-        extra_compile_args={"cxx": cxx}, extra_link_args=omp_link)]
+        "speckle_kernels._C", [os.path.join("csrc", s) for s in _build.CPU_SOURCES],  # in link order
+        extra_compile_args={"cxx": cflags}, extra_link_args=ldflags)]
     if (torch.version.cuda and cpp_extension.CUDA_HOME
             and not os.environ.get("SPECKLE_SKIP_CUDA_BUILD")):
         exts.append(cpp_extension.CUDAExtension(
@@ -72,7 +67,8 @@ def _extensions():
             sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp")),
             extra_compile_args={"cxx": ["-O3"],
                                 "nvcc": ["-O3", "-lineinfo"]}))
-    return exts, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    cmdclass["build_ext"] = cpp_extension.BuildExtension.with_options(use_ninja=True)
+    return exts, cmdclass
 
 
 _EXT_MODULES, _CMDCLASS = _extensions()

@@ -28,7 +28,11 @@
 //       clean_u8: uint8 (N, C, H, W); out_dtype float32 / bfloat16 / float16
 //       The noise stream is the one of speckle_kernels/noise.py (see csrc/include/philox.h);
 //       sigma is drawn per image when sigma_high > sigma_low. Outputs are contiguous.
-//   cpu_noise_lane_widths() -> int[]          the CPU noise kernel's built lane paths
+//   cpu_noise_lane_widths() -> int[]          the lane paths of the CPU noise kernel in use
+//   cpu_capability() -> str                   the CPU kernel variant in use (default, avx2, avx512)
+//   cpu_capabilities() -> str[]               the built variants this CPU runs, least capable first
+//   cpu_capability_note() -> str              why the variant in use is not the one
+//                                             SPECKLE_CPU_CAPABILITY asked for ("" when it is)
 //   cpu_output_cache_idle_bytes() -> int, empty_cpu_output_cache() -> int
 //       the CPU output cache of csrc/cpu/output_cache.cpp
 #include <torch/library.h>
@@ -61,6 +65,9 @@ TORCH_LIBRARY(speckle_kernels, m) {
       "float sigma_high, float sigma_add, bool rayleigh, bool clip, ScalarType out_dtype) "
       "-> (Tensor, Tensor)");
   m.def("cpu_noise_lane_widths() -> int[]");
+  m.def("cpu_capability() -> str");
+  m.def("cpu_capabilities() -> str[]");
+  m.def("cpu_capability_note() -> str");
   m.def("cpu_output_cache_idle_bytes() -> int");
   m.def("empty_cpu_output_cache() -> int");
 }

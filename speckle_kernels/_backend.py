@@ -82,8 +82,10 @@ def resolve_backend(backend: str, device: torch.device, *, has_cpu_ext: bool = F
     if device.type != backend:
         raise RuntimeError(f"backend={backend!r} needs {backend.upper()} tensors, got a tensor on {device}")
     if not built:
-        raise RuntimeError(f"backend={backend!r} was asked for but the {extension} is not built "
-                           "(see README: building the extensions)")
+        from . import _ext  # why it is missing (loaded after this module)
+        status = _ext.cpu_status() if backend == "cpu" else _ext.cuda_status()
+        raise RuntimeError(f"backend={backend!r} was asked for but the {extension} is not available: "
+                           f"{status['error'] or 'not built'} (python -m speckle_kernels reports why)")
     return backend
 
 

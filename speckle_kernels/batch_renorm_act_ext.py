@@ -100,7 +100,7 @@ def batch_renorm_act(x, weight, bias, running_mean, running_std, num_batches_tra
                     momentum, eps, r_max, d_max, activation, negative_slope, dropout, rng)
 
 
-if _ext.HAS_CPU_EXT:
+def _register_fake_kernels():  # once the ops exist (_ext.on_cpu_load)
     @torch.library.register_fake("speckle_kernels::batch_renorm_act_forward")
     def _(x, weight, bias, running_mean, running_std, num_batches_tracked, training, momentum, eps,
           r_max, d_max, activation, negative_slope, dropout, rng):
@@ -116,3 +116,6 @@ if _ext.HAS_CPU_EXT:
     def _(x, weight, bias, running_mean, running_std, num_batches_tracked, training, momentum, eps,
           r_max, d_max):
         return x.new_empty((N_STATS, x.shape[1]), dtype=torch.float32)
+
+
+_ext.on_cpu_load(_register_fake_kernels)

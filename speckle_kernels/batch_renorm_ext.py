@@ -54,7 +54,7 @@ def batch_renorm(x, weight, bias, running_mean, running_std, num_batches_tracked
 
 # Fake (meta) kernels: shapes, dtypes and layouts of the ops' outputs, so that torch.compile
 # (fullgraph) traces through the C++/CUDA ops instead of breaking the graph on them.
-if _ext.HAS_CPU_EXT:
+def _register_fake_kernels():  # once the ops exist (_ext.on_cpu_load)
     @torch.library.register_fake("speckle_kernels::batch_renorm_forward")
     def _(x, weight, bias, running_mean, running_std, num_batches_tracked, training, momentum,
           eps, r_max, d_max):
@@ -65,3 +65,6 @@ if _ext.HAS_CPU_EXT:
         c = x.shape[1]
         return (torch.empty_like(kernel_input(x)), x.new_empty((c,), dtype=torch.float32),
                 x.new_empty((c,), dtype=torch.float32))
+
+
+_ext.on_cpu_load(_register_fake_kernels)

@@ -39,7 +39,7 @@ def make_noisy_batch(clean_u8: torch.Tensor, *, factor: float = 1.0, sigma_mult=
         out_dtype)
 
 
-if _ext.HAS_CPU_EXT:
+def _register_fake_kernels():  # once the ops exist (_ext.on_cpu_load)
     @torch.library.register_fake("speckle_kernels::add_speckle_noise")
     def _(x, seed, offset, factor, sigma_low, sigma_high, sigma_add, rayleigh, clip):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -48,3 +48,6 @@ if _ext.HAS_CPU_EXT:
     def _(clean_u8, seed, offset, factor, sigma_low, sigma_high, sigma_add, rayleigh, clip, out_dtype):
         shape = clean_u8.shape
         return (clean_u8.new_empty(shape, dtype=out_dtype), clean_u8.new_empty(shape, dtype=out_dtype))
+
+
+_ext.on_cpu_load(_register_fake_kernels)

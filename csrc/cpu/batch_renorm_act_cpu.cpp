@@ -19,7 +19,7 @@
 #include "batch_renorm_passes.h"
 #include "noise_lanes.h"
 
-namespace speckle::cpu {
+namespace speckle::cpu::CPU_CAPABILITY {  // one copy per variant (csrc/variants/)
 namespace {
 
 constexpr int64_t kWindowBits = 64;
@@ -291,4 +291,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_renorm_act_backward(
   return renorm_backward(dy, lay, weight, stats, training, hooks);
 }
 
-}  // namespace speckle::cpu
+}  // namespace speckle::cpu::CPU_CAPABILITY

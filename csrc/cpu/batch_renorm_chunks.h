@@ -16,7 +16,7 @@
 #include "../include/batch_renorm_math.h"
 #include "vec_helpers.h"
 
-namespace speckle::cpu {
+namespace speckle::cpu::CPU_CAPABILITY {  // one copy per variant (csrc/variants/)
 
 // Plain BatchRenorm: no element hooks. local() gives the per-thread state of a hooks type;
 // per_channel_saves_work() whether the hooks' work shrinks under the per-channel schedule.
@@ -334,4 +334,4 @@ inline Partial merge_channel(const Partial* first, int64_t groups, int64_t group
   return bwd ? Partial{sa, sb} : Partial{acc.mean, acc.m2};
 }
 
-}  // namespace speckle::cpu
+}  // namespace speckle::cpu::CPU_CAPABILITY

@@ -38,7 +38,7 @@
 
 #include "batch_renorm_passes.h"
 
-namespace speckle::cpu {
+namespace speckle::cpu::CPU_CAPABILITY {  // one copy per variant (csrc/variants/)
 namespace {
 
 constexpr int64_t kSmallBytes = int64_t{4} << 20;  // per_channel_schedule
@@ -116,4 +116,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_renorm_backward(
   return renorm_backward(dy, lay, weight, stats, training, NoHooks{});
 }
 
-}  // namespace speckle::cpu
+}  // namespace speckle::cpu::CPU_CAPABILITY

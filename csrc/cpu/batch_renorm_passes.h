@@ -19,7 +19,7 @@
 #include "batch_renorm_chunks.h"
 #include "cpu_kernels.h"
 
-namespace speckle::cpu {
+namespace speckle::cpu::CPU_CAPABILITY {  // one copy per variant (csrc/variants/)
 
 constexpr int64_t kTaskElements = 16384;
 constexpr int64_t kMinParallelElements = 32768;
@@ -303,4 +303,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> renorm_backward(
   return {dx, grads[kGradWeight].clone(), grads[kGradBias].clone()};  // outputs must not alias
 }
 
-}  // namespace speckle::cpu
+}  // namespace speckle::cpu::CPU_CAPABILITY

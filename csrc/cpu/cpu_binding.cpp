@@ -1,6 +1,7 @@
 // CPU registrations of the speckle_kernels operators (schemas: csrc/ops_schema.cpp), mirroring
-// csrc/cuda/cuda_binding.cpp: checks the arguments and calls the kernels of cpu_kernels.h.
-// The utility ops without tensor arguments (lane widths, output cache) are registered as
+// csrc/cuda/cuda_binding.cpp: checks the arguments and calls the kernels of the variant that
+// cpu_dispatch.cpp chose (cpu_kernels.h).
+// The utility ops without tensor arguments (lane widths, variants, output cache) are registered as
 // CompositeImplicitAutograd, the key a schema's own function (m.def(schema, fn)) gets, so they
 // answer without a tensor to dispatch on.
 #include <torch/library.h>
@@ -35,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(
     double momentum, double eps, at::ArrayRef<double> r_max, at::ArrayRef<double> d_max) {
   const ForwardArgs a = forward_args("batch_renorm_forward", x, weight, bias, running_mean, running_std,
                                      num_batches_tracked, momentum, eps, r_max, d_max);
-  return cpu::batch_renorm_forward(a.lay, weight, bias, running_mean, running_std, num_batches_tracked,
+  return cpu::kernels().batch_renorm_forward(a.lay, weight, bias, running_mean, running_std, num_batches_tracked,
                                    training, a.momentum, a.eps, a.r_sched, a.d_sched);
 }
 
@@ -43,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const at::Tensor& stats, bool training) {
   check_backward_args(dy, x, weight, stats);
-  return cpu::batch_renorm_backward(dy, channel_layout(x), weight, stats, training);
+  return cpu::kernels().batch_renorm_backward(dy, channel_layout(x), weight, stats, training);
 }
 
 at::Tensor stats_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
@@ -52,7 +53,7 @@ at::Tensor stats_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weigh
                      at::ArrayRef<double> r_max, at::ArrayRef<double> d_max) {
   const ForwardArgs a = forward_args("batch_renorm_stats", x, weight, bias, running_mean, running_std,
                                      num_batches_tracked, momentum, eps, r_max, d_max);
-  return cpu::batch_renorm_stats(a.lay, weight, bias, running_mean, running_std, num_batches_tracked,
+  return cpu::kernels().batch_renorm_stats(a.lay, weight, bias, running_mean, running_std, num_batches_tracked,
                                  training, a.momentum, a.eps, a.r_sched, a.d_sched);
 }
 
@@ -88,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor> act_forward_cpu(
       block_params("batch_renorm_act_forward", training, activation, negative_slope, dropout, rng);
   const ForwardArgs a = forward_args("batch_renorm_act_forward", x, weight, bias, running_mean, running_std,
                                      num_batches_tracked, momentum, eps, r_max, d_max);
-  return cpu::batch_renorm_act_forward(a.lay, weight, bias, running_mean, running_std, num_batches_tracked,
+  return cpu::kernels().batch_renorm_act_forward(a.lay, weight, bias, running_mean, running_std, num_batches_tracked,
                                        training, a.momentum, a.eps, a.r_sched, a.d_sched, block);
 }
 
@@ -101,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> act_backward_cpu(
   TORCH_CHECK_VALUE(dy.sizes() == x.sizes(), "batch_renorm_act_backward: dy has shape ", dy.sizes(),
                     " but x has ", x.sizes());
   check_backward_args(dy, x, weight, stats);
-  return cpu::batch_renorm_act_backward(dy, channel_layout(x), weight, stats, training, block);
+  return cpu::kernels().batch_renorm_act_backward(dy, channel_layout(x), weight, stats, training, block);
 }
 
 at::Tensor add_speckle_noise_cpu(const at::Tensor& x, int64_t seed, int64_t offset, double factor,
@@ -111,7 +112,7 @@ at::Tensor add_speckle_noise_cpu(const at::Tensor& x, int64_t seed, int64_t offs
   const SpeckleParams prm = noise_params(seed, offset, factor, sigma_low, sigma_high, sigma_add, rayleigh, clip);
   const at::Tensor src = x.contiguous();
   at::Tensor y = cpu::empty_output(src);
-  cpu::speckle_noise(src, y, nullptr, noise_images(src), prm);
+  cpu::kernels().speckle_noise(src, y, nullptr, noise_images(src), prm);
   return y;
 }
 
@@ -124,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor> make_noisy_batch_cpu(const at::Tensor& clean_
   const at::Tensor src = clean_u8.contiguous();
   at::Tensor noisy = cpu::empty_output(src, out_dtype);
   at::Tensor clean = cpu::empty_output(noisy);
-  cpu::speckle_noise(src, noisy, &clean, noise_images(src), prm);
+  cpu::kernels().speckle_noise(src, noisy, &clean, noise_images(src), prm);
   return {noisy, clean};
 }
 
@@ -142,7 +143,10 @@ TORCH_LIBRARY_IMPL(speckle_kernels, CPU, m) {
 }
 
 TORCH_LIBRARY_IMPL(speckle_kernels, CompositeImplicitAutograd, m) {
-  m.impl("cpu_noise_lane_widths", &speckle::cpu::noise_lane_widths);
+  m.impl("cpu_noise_lane_widths", [] { return speckle::cpu::kernels().noise_lane_widths(); });
+  m.impl("cpu_capability", &speckle::cpu::cpu_capability);
+  m.impl("cpu_capabilities", &speckle::cpu::cpu_capabilities);
+  m.impl("cpu_capability_note", &speckle::cpu::cpu_capability_note);
   m.impl("cpu_output_cache_idle_bytes", &speckle::cpu::cpu_output_cache_idle_bytes);
   m.impl("empty_cpu_output_cache", &speckle::cpu::empty_cpu_output_cache);
 }

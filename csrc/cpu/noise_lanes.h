@@ -1,6 +1,6 @@
-// Philox and Box-Muller of the CPU noise kernel, written once over SIMD lanes: Lanes<8> (AVX2)
-// and Lanes<16> (AVX-512, where the extension was built with it). Both widths run the same
-// operations in the same order on each lane, so they give the same bits (tested).
+// Philox and Box-Muller of the CPU noise kernel, written once over SIMD lanes: Lanes<8> (the AVX2
+// and AVX-512 variants) and Lanes<16> (the AVX-512 variant). Both widths run the same operations
+// in the same order on each lane, so they give the same bits (tested).
 //
 // Why 16 lanes: Philox is ~60% of the kernel's instructions, and AVX-512 does a round's two
 // 3-way XORs in one instruction each and a 32-bit low product in one; measured on this
@@ -25,7 +25,7 @@
 #define SPECKLE_NOISE_LANES16 1
 #endif
 
-namespace speckle::cpu::lanes {
+namespace speckle::cpu::CPU_CAPABILITY::lanes {
 
 template <int W>
 struct Lanes;
@@ -225,5 +225,5 @@ void standard_noise_lanes(uint64_t seed, const uint32_t* c0, const uint32_t* c1,
   }
 }
 
-}  // namespace speckle::cpu::lanes
+}  // namespace speckle::cpu::CPU_CAPABILITY::lanes
 #endif  // AVX2 and FMA

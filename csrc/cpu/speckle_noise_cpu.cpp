@@ -1,12 +1,12 @@
 // Speckle noise on the CPU: the Philox stream of csrc/include/philox.h, 64 lanes at a time.
 //
 // Per block of 64 consecutive elements: Philox4x32-10 and Box-Muller give n1, n2 on SIMD
-// lanes (noise_lanes.h: 16 lanes with AVX-512, 8 with AVX2; both give the same bits), then y is
-// formed and rounded to the output dtype. A portable path (scalar Philox rounds, Sleef's log
-// and cos through at::vec) serves builds without AVX2. SPECKLE_CPU_NOISE_LANES=16|8|1 picks
-// one of the built paths (1: the portable one; the tests run each); the dropout mask of
-// batch_renorm_act_cpu.cpp follows the same choice. Every value depends only on
-// (seed, offset, flat index), so the split into parallel tasks changes nothing.
+// lanes (noise_lanes.h: 16 lanes in the AVX-512 variant, 8 in it and the AVX2 one; all give the
+// same bits), then y is formed and rounded to the output dtype. A portable path (scalar Philox
+// rounds, log and cos through at::vec) serves the DEFAULT variant and is built in every one.
+// SPECKLE_CPU_NOISE_LANES=16|8|1 picks one of the variant's paths (1: the portable one; the tests
+// run each); the dropout mask of batch_renorm_act_cpu.cpp follows the same choice. Every value
+// depends only on (seed, offset, flat index), so the split into parallel tasks changes nothing.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -18,11 +18,11 @@
 #include "noise_lanes.h"
 #include "vec_helpers.h"
 
-namespace speckle::cpu {
+namespace speckle::cpu::CPU_CAPABILITY {  // one copy per variant (csrc/variants/)
 namespace {
 
 constexpr int64_t kLanes = 64;
-constexpr int64_t kTaskElements = 8192;
+constexpr int64_t kNoiseTaskElements = 8192;
 
 // n1, n2 of kLanes elements from their counter words (c0[l], c1[l], 0, 0).
 using StandardNoiseFn = void (*)(uint64_t seed, const uint32_t* c0, const uint32_t* c1,
@@ -89,14 +89,14 @@ void speckle_typed(const In* src, Out* out, Out* clean, int64_t numel, int64_t p
                    const std::vector<float>& factor_sigma, const SpeckleParams& prm,
                    StandardNoiseFn standard_noise) {
   constexpr bool from_u8 = std::is_same_v<In, uint8_t>;
-  const int64_t tasks = (numel + kTaskElements - 1) / kTaskElements;
+  const int64_t tasks = (numel + kNoiseTaskElements - 1) / kNoiseTaskElements;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     // per-lane values of one block; lanes past the block's end are computed but never stored
     alignas(64) float n1[kLanes] = {}, n2[kLanes] = {}, v[kLanes] = {}, fs[kLanes] = {}, y[kLanes];
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t j_end = std::min(numel, (t + 1) * kTaskElements);
-      int64_t image = (t * kTaskElements) / per_image, next_image = (image + 1) * per_image;
-      for (int64_t j0 = t * kTaskElements; j0 < j_end; j0 += kLanes) {
+      const int64_t j_end = std::min(numel, (t + 1) * kNoiseTaskElements);
+      int64_t image = (t * kNoiseTaskElements) / per_image, next_image = (image + 1) * per_image;
+      for (int64_t j0 = t * kNoiseTaskElements; j0 < j_end; j0 += kLanes) {
         const int64_t n = std::min(kLanes, j_end - j0);
         noise_block(standard_noise, prm.seed, prm.offset + static_cast<uint64_t>(j0), prm.rayleigh, n1, n2);
         for (int64_t l = 0; l < n; ++l) {
@@ -169,7 +169,8 @@ int64_t philox_lane_width() {
     if (std::to_string(path.first) == env) return path.first;
     built += (built.empty() ? "" : ", ") + std::to_string(path.first);
   }
-  TORCH_CHECK_VALUE(false, "SPECKLE_CPU_NOISE_LANES must name a built path (", built, "), got '", env, "'");
+  TORCH_CHECK_VALUE(false, "SPECKLE_CPU_NOISE_LANES must name a built path (", built, ") of the ",
+                    SPECKLE_ISA_NAME, " kernels, got '", env, "'");
 }
 
 std::vector<int64_t> noise_lane_widths() {
@@ -178,4 +179,4 @@ std::vector<int64_t> noise_lane_widths() {
   return widths;
 }
 
-}  // namespace speckle::cpu
+}  // namespace speckle::cpu::CPU_CAPABILITY

@@ -1,9 +1,16 @@
-// Vector helpers of the CPU kernels (ATen's Vectorized<float>: 8 lanes with AVX2, see setup.py).
+// Vector helpers of the CPU kernels (ATen's Vectorized<float>: 8 lanes in the AVX2 and AVX-512
+// variants, plain arrays of 8 the compiler vectorises for SSE2 in the DEFAULT one).
 //
 // The BatchRenorm passes step kW values at a time as two fp32 vectors, which is one 16-bit
 // vector: fp16/bf16 are widened on load and rounded once on store. A step of n < kW values (a
 // tail) loads only n values, the rest reading as 0, and stores only n.
 #pragma once
+
+// Kernel code is compiled only through a variant's translation unit, which sets the ISA and
+// CPU_CAPABILITY (the namespace of ATen's vectors and of this code) first.
+#if !defined(CPU_CAPABILITY)
+#error "CPU kernel code is compiled through csrc/variants/kernels_*.cpp only"
+#endif
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -13,7 +20,7 @@
 #include <tuple>
 #include <type_traits>
 
-namespace speckle::cpu {
+namespace speckle::cpu::CPU_CAPABILITY {  // one copy per variant (csrc/variants/)
 
 using fVec = at::vec::Vectorized<float>;
 constexpr int64_t kF = fVec::size();
@@ -63,4 +70,4 @@ inline void keep_first(fVec& a, fVec& b, int64_t n) {
   b = n > kF ? fVec::set(zero, b, n - kF) : zero;
 }
 
-}  // namespace speckle::cpu
+}  // namespace speckle::cpu::CPU_CAPABILITY
