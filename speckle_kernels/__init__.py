@@ -11,7 +11,12 @@ from .schedules import DMAX_SCHEDULE, RMAX_SCHEDULE, RenormSchedule
 from .sync_batch_renorm import (SyncFusedBatchRenorm, SyncFusedBatchRenormAct, convert_batchrenorm,
                                 convert_sync_batchrenorm)
 
-__version__ = "0.1.0"
+try:  # the one version number lives in pyproject.toml
+    from importlib.metadata import PackageNotFoundError, version
+
+    __version__ = version("speckle-kernels")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "unknown"
 __all__ = [
     "HAS_TRITON", "batch_renorm", "batch_renorm_reference", "FusedBatchRenorm1d",
     "FusedBatchRenorm2d", "FusedBatchRenorm3d", "batch_renorm_act", "FusedBatchRenormAct1d",
