@@ -20,6 +20,9 @@ Tiling, when H * W exceeds max_pixels: tiling.py (tiled output equals untiled ou
 coefficient of variation, homogeneous_windows(by="cv"); the same window before and after), and
 CNR and gCNR between two given boxes (--roi-a/--roi-b), each before and after, on v in [0, 1]
 (the output as written, after quantization). Non-finite values (a constant region) are null.
+And the real-scan judge (metrics/real_scan.py: speckle suppression, local mean, edges, black,
+checkerboard) of every frame, with its targets met or not, and, on the first frame of each
+file, the same figures for the Lee, Frost, SRAD and median filters (calibration).
 """
 from __future__ import annotations
 
@@ -68,7 +71,7 @@ def _load(checkpoint, device="auto", *, fold: bool = False) -> tuple[nn.Module, 
     try:
         width = int(config["width"])
         model = build_model(name, norm=None if name == "di-conv-ae" else config.get("norm"),
-                            width=width, dropout=config.get("dropout"))
+                            width=width, dropout=config.get("dropout"), upsample=config.get("upsample"))
         model.load_state_dict(ckpt["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -143,18 +146,35 @@ def frame_metrics(before: np.ndarray, after: np.ndarray, *, window: int = METRIC
     return row
 
 
+def judge_metrics(before: np.ndarray, after: np.ndarray, *, calibrate: bool) -> dict:
+    """The real-scan judge of one frame (and of the calibration filters on it if asked)."""
+    from speckle_models.metrics.real_scan import calibration_outputs, judge, meets_targets
+
+    row = judge(before, after)
+    out = {"judge": row, "targets_met": meets_targets(row)}
+    if calibrate:
+        out["calibration"] = {name: judge(before, filtered)
+                              for name, filtered in calibration_outputs(before).items()}
+    return out
+
+
+JUDGE_COLUMNS = ("enl_ratio", "edge_ratio", "mean_abs_delta", "mean_corr", "black_before", "black_after",
+                 "checker_before", "checker_after")
+
+
 def write_metrics(out: Path, rows: list[dict], meta: dict, *, overwrite: bool) -> None:
     atomic_write_text(out / "metrics.json", json.dumps({**meta, "images": rows}, indent=2) + "\n",
                       overwrite=overwrite)
     fields = ["file", "frame", "output", "height", "width", "window_top", "window_left",
               "window_height", "window_width", "snr_before", "snr_after", "enl_before", "enl_after",
-              "cnr_before", "cnr_after", "gcnr_before", "gcnr_after"]
+              "cnr_before", "cnr_after", "gcnr_before", "gcnr_after", *(f"judge_{k}" for k in JUDGE_COLUMNS)]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         box = row.get("window") or [None] * 4
-        writer.writerow({**row, **dict(zip(fields[5:9], box))})
+        judged = {f"judge_{k}": row.get("judge", {}).get(k) for k in JUDGE_COLUMNS}
+        writer.writerow({**row, **dict(zip(fields[5:9], box)), **judged})
     atomic_write_text(out / "metrics.csv", buf.getvalue(), overwrite=overwrite)
 
 
@@ -319,9 +339,10 @@ def run(args) -> dict:
                     row = {"file": str(im.path), "frame": k, "output": str(paths[min(k, len(paths) - 1)]),
                            "height": before.shape[0], "width": before.shape[1]}
                     try:
-                        row.update(frame_metrics(before, after.astype(np.float32) / im.max_value,
-                                                 window=args.metrics_window, roi_a=args.roi_a,
-                                                 roi_b=args.roi_b))
+                        v_after = after.astype(np.float32) / im.max_value
+                        row.update(frame_metrics(before, v_after, window=args.metrics_window,
+                                                 roi_a=args.roi_a, roi_b=args.roi_b))
+                        row.update(judge_metrics(before, v_after, calibrate=k == 0))
                     except ValueError as e:
                         raise ValueError(f"{im.path}: {e}") from e
                     rows.append(row)

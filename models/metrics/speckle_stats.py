@@ -202,7 +202,8 @@ def gcnr(image, mask_a, mask_b, *, bins: int = 256) -> torch.Tensor:
     return 1.0 - torch.minimum(pa, pb).sum(1)
 
 
-def homogeneous_windows(image, size, count: int = 1, *, by: str = "cv", return_boxes: bool = False):
+def homogeneous_windows(image, size, count: int = 1, *, by: str = "cv", return_boxes: bool = False,
+                        within=None, min_mean: float | None = None):
     """The `count` most homogeneous, non-overlapping size x size windows of each image.
 
     by="cv": lowest local coefficient of variation sigma / mu (for envelope or intensity data,
@@ -212,6 +213,10 @@ def homogeneous_windows(image, size, count: int = 1, *, by: str = "cv", return_b
     first, each excluding every window that overlaps it; greedy picks can leave unusable gaps,
     so fewer windows than a grid packing may fit (at least ceil(P / ((2h-1)(2w-1))) for P
     window positions).
+
+    within: a boolean (H, W) or (N, H, W) mask the windows must lie in entirely (a tissue
+    region); min_mean: windows whose mean is below it are never chosen (black areas, where a
+    low std says nothing about speckle).
 
     Returns boolean masks of shape (count, N, H, W), best first, ready for the metrics (e.g.
     speckle_snr(image, masks[0])); with return_boxes=True also a (count, N, 4) int64 tensor of
@@ -240,6 +245,12 @@ def homogeneous_windows(image, size, count: int = 1, *, by: str = "cv", return_b
     if by == "cv":
         score = torch.where(mean > 0, score / mean, torch.full_like(score, float("inf")))
     score = torch.nan_to_num(score, nan=float("inf"))
+    if min_mean is not None:
+        score = torch.where(mean >= min_mean, score, torch.full_like(score, float("inf")))
+    if within is not None:
+        inside = _as_mask(within, images, "within", 1).to(images.dtype)[:, None]
+        full = F.avg_pool2d(inside, (wh, ww), stride=1)[:, 0] >= 1.0 - 0.5 / area
+        score = torch.where(full, score, torch.full_like(score, float("inf")))
     ph, pw = score.shape[1:]
     rows = torch.arange(ph, device=score.device).view(1, -1, 1)
     cols = torch.arange(pw, device=score.device).view(1, 1, -1)
