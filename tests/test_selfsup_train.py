@@ -59,6 +59,28 @@ def test_scan_folder_reads_every_frame(tmp_path):
         scan_folder.load_scan_folder(tmp_path / "empty", image_size=32)
 
 
+def test_crops_balance_files_and_skip_black(tmp_path):
+    # a 30-frame cine of level 40 and one frame of level 200 whose left 3/4 is black: files
+    # are drawn uniformly, so about half the crops come from the single frame (binomial, 400
+    # draws: 5 standard errors = 0.125). A random 32-px crop of that frame has >= 25% signal
+    # with probability 57/225, so all REDRAWS = 20 draws fail with probability 0.75^20 = 0.3%:
+    # at most 5% of its crops may stay mostly black (~0.6 expected of ~200)
+    root = tmp_path / "scans"
+    cine = np.full((30, 48, 64), 40, np.uint8)
+    dicom_file(root / "cine.dcm", cine, 8)
+    frame = np.zeros((48, 256), np.uint8)
+    frame[:, 192:] = 200
+    Image.fromarray(frame).save(root / "frame.png")
+    data = scan_folder.load_scan_folder(root, image_size=32, count=400, seed=1, val_fraction=0.25)
+    crops = torch.cat([data.train, data.val]).float()
+    from_frame = crops.amax(dim=(1, 2, 3)) > 100
+    assert abs(from_frame.float().mean().item() - 0.5) < 0.125
+    signal = (crops[from_frame] > 2).float().mean(dim=(1, 2, 3))
+    assert (signal < scan_folder.MIN_SIGNAL).float().mean() <= 0.05
+    # (without the redraws ~70% of the frame's crops would be all black and not counted as
+    # from_frame, so the balance check above fails: ~0.15 instead of 0.5)
+
+
 def test_cli_trains_on_a_folder_of_scans(tmp_path, capsys):
     root = scan_folder_files(tmp_path / "scans", np.random.default_rng(2))
     out = tmp_path / "run"

@@ -68,31 +68,42 @@ def base_config(args, out: Path, seed: int, **kw) -> TrainConfig:
                        cache_dir=args.cache_dir, **kw).resolved()
 
 
-ABLATION = [("speckle", 0.08), ("speckle", 0.15), ("speckle", 0.3), ("speckle", 0.45), ("mean", 0.3)]
+# (fill, hidden share, correlation threshold of the footprint)
+ABLATION = [("speckle", 0.08, 0.1), ("speckle", 0.15, 0.1), ("speckle", 0.3, 0.1), ("speckle", 0.45, 0.1),
+            ("mean", 0.3, 0.1), ("speckle", 0.3, 0.2), ("speckle", 0.3, 0.3)]
 
 
 def ablation(args, data, test_noisy, test_clean) -> None:
-    """The blind spot's two design choices, seed 0: the fill of hidden pixels (smooth local mean,
-    or local mean + displaced speckle residual) and the hidden share -> OUT_ablation.md."""
+    """The blind spot's design choices, seed 0: the fill of hidden pixels (smooth local mean, or
+    local mean + displaced speckle residual), the hidden share, and the correlation threshold
+    that sizes the footprint (a higher one: a smaller blind spot that lets some correlated
+    speckle through) -> OUT_ablation.md."""
     from speckle_models.training import self_supervised as S
+
+    acf = S.speckle_autocorrelation(data.train)
 
     made = S.make_objective
     lines = ["# Blind-spot design choices on the classic phantom "
              f"({time.strftime('%Y-%m-%d')}, {_cpu()})", "",
              f"Command: `python -m benchmarks.tools.selfsup_phantom --ablation --epochs {args.epochs}` "
              f"(seed 0; the settings of selfsup_phantom.md otherwise)", "",
-             "| fill of hidden pixels | hidden share | test PSNR (dB) | SSIM |", "|---|---|---|---|"]
-    for texture, share in ABLATION:
-        S.make_objective = lambda method, corr, t=texture, h=share: S.BlindSpot(corr, h, t)
+             "| fill of hidden pixels | hidden share | footprint: rho > | footprint | test PSNR (dB) | SSIM |",
+             "|---|---|---|---|---|---|"]
+    for texture, share, thr in ABLATION:
+        corr = S.correlation_from_acf(acf, thr)
+        S.make_objective = lambda method, c, t=texture, h=share, k=corr: S.BlindSpot(k, h, t)
         try:
-            cfg = base_config(args, Path(args.runs) / f"ablation-{texture}-{share}", 0,
+            default = (texture, share, thr) == ("speckle", S.HIDDEN_FRACTION, S.THRESHOLD)
+            name = "blind-spot-s0" if default else f"ablation-{texture}-{share}-{thr}"  # the study's run
+            cfg = base_config(args, Path(args.runs) / name, 0,
                               target="self-supervised", ss_method="blind-spot")
             model = train(cfg, data=data, resume=True, plots=False).model
         finally:
             S.make_objective = made
         per = per_image_scores(from_normalized(predict(model, test_noisy)), from_normalized(test_clean))
         fill = "local mean + displaced speckle residual" if texture == "speckle" else "local mean (smooth)"
-        lines.append(f"| {fill} | {share:.0%} | {per['psnr'].mean():.2f} | {per['ssim'].mean():.4f} |")
+        lines.append(f"| {fill} | {share:.0%} | {thr} | {len(corr.footprint)}x{len(corr.footprint[0])} | "
+                     f"{per['psnr'].mean():.2f} | {per['ssim'].mean():.4f} |")
         print(lines[-1], flush=True)
     out = Path(args.out)
     atomic_write_text(out.with_name(out.name.replace("phantom", "ablation") + ".md"), "\n".join(lines) + "\n",

@@ -46,7 +46,7 @@ from speckle_models.training.loop import train
 
 EXAMPLES = ("jpeg2k", "rgb_color", "ybr_color")
 # (top, bottom, left, right) of the image area, drawn by hand on the frames (looked at)
-TISSUE = {"jpeg2k": (108, 338, 14, 628), "rgb_color": (54, 169, 7, 314), "ybr_color": (22, 222, 40, 282)}
+TISSUE = {"jpeg2k": (108, 338, 32, 596), "rgb_color": (54, 169, 16, 298), "ybr_color": (22, 222, 40, 282)}
 FIGURES = ("enl_ratio", "snr_after", "edge_ratio", "mean_abs_delta", "mean_corr", "black_before",
            "black_after", "checker_before", "checker_after")
 

@@ -8,7 +8,12 @@ cine gives all its frames. Each frame is read by image_io.read_image (v = stored
 ultrasound regions and the automatic tissue detection of the DICOM work.
 
 From the regions at least image_size on each side, `count` crops of image_size x image_size
-are drawn (region, then position, uniformly, from a generator seeded with `seed`), stored as
+are drawn from a generator seeded with `seed`: a file uniformly (so a 300-frame cine does not
+drown a single frame), then one of its regions, then a position, all uniformly; a crop with
+less than MIN_SIGNAL of its pixels above black is drawn again in the same file (up to REDRAWS
+times, then the best one is kept: scans have wide black borders, and a black crop teaches
+nothing about speckle). Crops
+are stored as
 uint8 (round(255 v): ultrasound is displayed at 8 bits; a 12- or 16-bit frame loses its low
 bits here), then split train / validation by split_indices like the other sources. There is
 no speckle-free map, so no supervised target; the test set is the validation set (its
@@ -27,6 +32,7 @@ from speckle_models.data.datasets import UltrasoundData, split_indices
 from speckle_models.inference.image_io import IMAGE_SUFFIXES, read_image
 
 DEFAULT_CROPS = 500
+MIN_SIGNAL, BLACK, REDRAWS = 0.25, 2 / 255, 20
 
 
 def scan_files(root: str | os.PathLike) -> list[Path]:
@@ -52,8 +58,8 @@ def tissue_regions(frame: np.ndarray) -> list[np.ndarray]:
     return [frame]
 
 
-def read_regions(files: list[Path], image_size: int, progress: bool = False) -> list[np.ndarray]:
-    """Every tissue region, at least image_size a side, of every frame of the files."""
+def read_regions(files: list[Path], image_size: int, progress: bool = False) -> list[list[np.ndarray]]:
+    """Per file that has one, every tissue region at least image_size a side of its frames."""
     regions, small = [], 0
     it = files
     if progress and len(files) > 1:
@@ -61,28 +67,43 @@ def read_regions(files: list[Path], image_size: int, progress: bool = False) -> 
         it = tqdm(files, desc="read scans", unit="file")
     for path in it:
         image = read_image(path)          # ValueError / ModuleNotFoundError naming the file
+        found = []
         for frame in image.frames:
             for region in tissue_regions(frame):
                 if min(region.shape) >= image_size:
-                    regions.append(region)
+                    found.append(region)
                 else:
                     small += 1
+        if found:
+            regions.append(found)
     if not regions:
         raise ValueError(f"no frame of the {len(files)} file(s) is at least {image_size}x{image_size} "
                          f"({small} smaller region(s)); lower --image-size")
     return regions
 
 
-def random_crops(regions: list[np.ndarray], image_size: int, count: int, seed: int) -> np.ndarray:
-    """`count` uint8 crops (count, 1, S, S): region and position uniform, seeded."""
+def random_crops(regions: list[list[np.ndarray]], image_size: int, count: int, seed: int) -> np.ndarray:
+    """`count` uint8 crops (count, 1, S, S): file, region and position uniform, mostly-black
+    crops drawn again (module docstring), seeded."""
     g = torch.Generator().manual_seed(seed)
     out = np.empty((count, 1, image_size, image_size), np.uint8)
-    which = torch.randint(len(regions), (count,), generator=g).tolist()
-    for i, k in enumerate(which):
-        r = regions[k]
-        top = int(torch.randint(r.shape[0] - image_size + 1, (1,), generator=g))
-        left = int(torch.randint(r.shape[1] - image_size + 1, (1,), generator=g))
-        out[i, 0] = np.rint(np.clip(r[top:top + image_size, left:left + image_size], 0, 1) * 255)
+
+    def pick(n):
+        return int(torch.randint(n, (), generator=g))
+
+    for i in range(count):
+        file = regions[pick(len(regions))]
+        best, best_signal = None, -1.0
+        for _ in range(REDRAWS):               # redrawn within the file: files stay balanced
+            r = file[pick(len(file))]
+            top, left = pick(r.shape[0] - image_size + 1), pick(r.shape[1] - image_size + 1)
+            crop = np.clip(r[top:top + image_size, left:left + image_size], 0, 1)
+            signal = float((crop > BLACK).mean())
+            if signal > best_signal:
+                best, best_signal = crop, signal
+            if signal >= MIN_SIGNAL:
+                break
+        out[i, 0] = np.rint(best * 255)
     return out
 
 
@@ -97,5 +118,5 @@ def load_scan_folder(root, *, image_size: int, seed: int = 0, val_fraction: floa
     if len(tr) == 0 or len(va) == 0:
         raise ValueError(f"{n} crop(s) cannot be split into training and validation; raise --count")
     return UltrasoundData(train=crops[tr], val=crops[va], test=crops[va], source=str(root),
-                          info={"files": len(files), "regions": len(regions), "crops": n, "seed": seed,
+                          info={"files": len(files), "regions": sum(map(len, regions)), "crops": n, "seed": seed,
                                 "val_fraction": val_fraction, "test_is_val": True})

@@ -11,9 +11,13 @@ correlated neighbour of a pixel it is scored on.
 The correlation (`measure_correlation`): residual r = y - G_6 * y of each image (its local
 mean removed), over valid pixels m (neither black nor saturated); normalized autocorrelation
 rho(dz, dx) = sum m r m' r' / sum m m' / rho(0, 0) over all images (FFT, zero-padded, so no
-wrap-around), for lags |dz|, |dx| <= MAX_LAG. The decorrelation length along an axis is the
-smallest lag l >= 1 with rho <= THRESHOLD (0.1); the footprint F is the set of lags with
-rho > THRESHOLD inside the (2 L_z - 1) x (2 L_x - 1) box (the pixels "correlated with" the centre).
+wrap-around), for lags |dz|, |dx| <= MAX_LAG (fewer if the images are small). Tissue texture
+(layers, fibres) adds a floor f along an axis: the least rho over its lags, taken when positive,
+below FLOOR_MAX and flat at the end (the last two lags within FLAT_TAIL), else 0; it is removed
+as rho' = (rho - f) / (1 - f) (on GE's lymph-node frame, fibres hold lateral rho at 0.18-0.21
+from 10 to 16 px). The decorrelation length along an axis is the smallest lag l >= 1 with
+rho' <= THRESHOLD (0.1); the footprint F is the set of lags with rho' > THRESHOLD (f the
+larger floor) inside the (2 L_z - 1) x (2 L_x - 1) box (the pixels "correlated with" the centre).
 The FWHM (twice the lag where rho falls to 0.5) is reported too. For a Gaussian-filtered white
 field of filter sigma s, rho(l) = exp(-l^2 / (4 s^2)) and L = the first integer above
 2 s sqrt(ln 10) = 3.03 s (tests/test_self_supervised.py).
@@ -56,7 +60,9 @@ from speckle_models.metrics.smoothing import gaussian_blur, masked_blur
 METHODS = ("blind-spot", "neighbor2neighbor")
 DEFAULT_METHOD = "blind-spot"         # the measured winner: docs/self_supervised.md
 THRESHOLD = 0.1
-MAX_LAG = 8
+MAX_LAG = 16                                 # scanner frames reach 6-11 px laterally (docs)
+MIN_LAG = 4
+FLOOR_MAX = 0.5
 DETREND_SIGMA = 6.0
 HIDDEN_FRACTION = 0.3
 GAMMA = 1.0
@@ -89,9 +95,10 @@ def speckle_autocorrelation(images: torch.Tensor, *, max_lag: int = MAX_LAG) -> 
     residual of (N, 1, H, W) images, v in [0, 1] (uint8 is divided by 255)."""
     if images.dim() != 4 or images.shape[1] != 1:
         raise ValueError(f"images must be (N, 1, H, W), got shape {tuple(images.shape)}")
-    if min(images.shape[-2:]) <= 2 * max_lag:
+    max_lag = min(max_lag, (min(images.shape[-2:]) - 1) // 2)     # what the images hold
+    if max_lag < MIN_LAG:
         raise ValueError(f"images of {tuple(images.shape[-2:])} are too small to measure the speckle "
-                         f"correlation (need more than {2 * max_lag} px a side)")
+                         f"correlation (need at least {2 * MIN_LAG + 1} px a side)")
     v = images[:ACF_IMAGES].double()
     if images.dtype == torch.uint8:
         v = v / 255.0
@@ -132,6 +139,7 @@ def _floored(profile: torch.Tensor) -> tuple[torch.Tensor, float]:
     an axis (layers, fibres) adds a floor that is not speckle; a tail still falling is."""
     tail_flat = abs(float(profile[-2] - profile[-1])) < FLAT_TAIL
     f = max(0.0, float(profile[1:].min())) if tail_flat else 0.0
+    f = f if f < FLOOR_MAX else 0.0          # a floor that high is the structure, not a floor
     return (profile - f) / (1 - f), f
 
 
