@@ -110,6 +110,41 @@ def ablation(args, data, test_noisy, test_clean) -> None:
                       overwrite=True)
 
 
+def upsampling(args) -> None:
+    """Checkerboard energy of the seed-0 supervised networks, transposed and resize, on dark
+    areas of phantom frames: realistic-phantom images at 128 x 128 (sector and linear, black
+    outside, anechoic cysts; the classic phantom has no dark 16 x 16 window) -> OUT_upsampling.md."""
+    from speckle_models.data.realistic_phantom import generate_realistic_phantom
+    from speckle_models.inference.denoise import load_denoiser
+    from speckle_models.inference.tiling import denoise_frames
+    from speckle_models.metrics.real_scan import judge
+
+    images, _, draws = generate_realistic_phantom(16, image_size=128, seed=99, progress=False)
+    frames = [im[0].double().numpy() / 255 for im in images]
+    lines = [f"# Upsampling and checkerboard energy on phantom frames ({time.strftime('%Y-%m-%d')}, {_cpu()})", "",
+             "Command: `python -m benchmarks.tools.selfsup_phantom --upsampling` (after the study: its seed-0 "
+             "supervised networks, trained on the classic phantom; frames: 16 realistic-phantom images, "
+             "128 x 128, seed 99)", "",
+             "| network | checkerboard share of dark-window energy, output (median over frames) | input | "
+             "dark windows | test PSNR on the classic phantom (3 seeds) |", "|---|---|---|---|---|"]
+    study = json.loads(Path(args.out).with_suffix(".json").read_text())
+    psnr = {r["method"]: r["psnr"] for r in study["rows"]}
+    for name, run, row in (("transposed (ConvTranspose2d 2, stride 2)", "supervised-transpose-s0",
+                            "supervised, transposed upsampling"),
+                           ("resize (bilinear x2 + conv 3x3)", "supervised-s0", "supervised (speckle-free maps)")):
+        model = load_denoiser(Path(args.runs) / run / "checkpoint.pt", "cpu")
+        outs = denoise_frames(model, frames)
+        rows = [judge(f, np.rint(o * 255) / 255) for f, o in zip(frames, outs)]
+        got = [r["checker_after"] for r in rows if r["checker_after"] is not None]
+        before = [r["checker_before"] for r in rows if r["checker_before"] is not None]
+        lines.append(f"| {name} | {100 * np.median(got):.1f}% (max {100 * max(got):.1f}%) | "
+                     f"{100 * np.median(before):.1f}% | {sum(r['dark_windows'] for r in rows)} | {psnr[row]:.2f} |")
+        print(lines[-1], flush=True)
+    out = Path(args.out)
+    atomic_write_text(out.with_name(out.name.replace("phantom", "upsampling") + ".md"), "\n".join(lines) + "\n",
+                      overwrite=True)
+
+
 def two_level(values: np.ndarray, rng: np.random.Generator, reps: int = BOOTSTRAP) -> tuple[float, float]:
     """95% interval of the mean of values (seeds, images): seeds then images resampled."""
     s, n = values.shape
@@ -135,8 +170,11 @@ def main() -> None:
     p.add_argument("--cache-dir", default="runs/cache")
     p.add_argument("--only-train", action="store_true", help="train what is missing, write nothing")
     p.add_argument("--ablation", action="store_true", help="the blind spot's fill and hidden share instead")
+    p.add_argument("--upsampling", action="store_true", help="checkerboard energy of the two upsamplings")
     args = p.parse_args()
     torch.set_num_threads(1)
+    if args.upsampling:
+        return upsampling(args)
     runs = Path(args.runs)
     probe = base_config(args, runs / "probe", args.seeds[0], target="speckle-free")
     data = load_data(probe)
