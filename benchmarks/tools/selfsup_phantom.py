@@ -105,8 +105,13 @@ def ablation(args, data, test_noisy, test_clean) -> None:
         lines.append(f"| {fill} | {share:.0%} | {thr} | {len(corr.footprint)}x{len(corr.footprint[0])} | "
                      f"{per['psnr'].mean():.2f} | {per['ssim'].mean():.4f} |")
         print(lines[-1], flush=True)
+    write_sibling(args, "ablation", lines)
+
+
+def write_sibling(args, kind: str, lines: list[str]) -> None:
+    """docs/figures/selfsup_<kind>.md next to the study's own files."""
     out = Path(args.out)
-    atomic_write_text(out.with_name(out.name.replace("phantom", "ablation") + ".md"), "\n".join(lines) + "\n",
+    atomic_write_text(out.with_name(out.name.replace("phantom", kind) + ".md"), "\n".join(lines) + "\n",
                       overwrite=True)
 
 
@@ -140,9 +145,7 @@ def upsampling(args) -> None:
         lines.append(f"| {name} | {100 * np.median(got):.1f}% (max {100 * max(got):.1f}%) | "
                      f"{100 * np.median(before):.1f}% | {sum(r['dark_windows'] for r in rows)} | {psnr[row]:.2f} |")
         print(lines[-1], flush=True)
-    out = Path(args.out)
-    atomic_write_text(out.with_name(out.name.replace("phantom", "upsampling") + ".md"), "\n".join(lines) + "\n",
-                      overwrite=True)
+    write_sibling(args, "upsampling", lines)
 
 
 def two_level(values: np.ndarray, rng: np.random.Generator, reps: int = BOOTSTRAP) -> tuple[float, float]:

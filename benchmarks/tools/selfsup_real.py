@@ -11,6 +11,7 @@ ultrasound frames that image_io reads: "jpeg2k" (GE, lymph node, 480 x 640, JPEG
 "rgb_color" (the same scene at 240 x 320) and "ybr_color" (SonoSite cardiac sector cine, 30
 frames of 240 x 320, JPEG baseline); "palette_color" is palette colour, refused until the
 DICOM work lands. They are copied into one folder, which speckle-train reads as a user's scans.
+Decoding them needs pylibjpeg, pylibjpeg-libjpeg and pylibjpeg-openjpeg (JPEG, JPEG 2000).
 
 Networks (Br-U-Net, fused norm blocks, width 8):
 - classic phantom, transposed / resize: supervised on the classic phantom's speckle-free maps;
