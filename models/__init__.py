@@ -1,6 +1,6 @@
 """The paper's three denoising networks and their Table 1 hyper-parameters.
 
-    build_model("di-conv-ae" | "d-unet" | "br-unet", norm=..., width=..., dropout=...)
+    build_model("di-conv-ae" | "d-unet" | "br-unet", norm=..., width=..., dropout=..., upsample=...)
 
 Table 1 of the paper, read column by column (the lowest learning rate belongs to Br-U-Net,
 even though section 2.2 credits batch renormalization with allowing *higher* rates; Karaoglu
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from speckle_models.networks.di_conv_ae import DiConvAE
-from speckle_models.networks.unet import NORMS, UNet, br_unet, d_unet
+from speckle_models.networks.unet import NORMS, UPSAMPLES, UNet, br_unet, d_unet
 
 MODEL_NAMES = ("di-conv-ae", "d-unet", "br-unet")
 DISPLAY_NAMES = {"di-conv-ae": "Di-Conv-AE-Net", "d-unet": "D-U-Net", "br-unet": "Br-U-Net"}
@@ -39,22 +39,26 @@ def check_model_name(name: str) -> str:
 
 
 def build_model(name: str, *, norm: str | None = None, width: int = 32,
-                dropout: float | None = None, norm_backend: str = "auto") -> nn.Module:
+                dropout: float | None = None, norm_backend: str = "auto",
+                upsample: str | None = None) -> nn.Module:
     """A fresh network. norm applies to the U-Nets only (default: batchnorm for D-U-Net,
     fused BatchRenorm for Br-U-Net); norm_backend picks the fused layers' kernels
     (speckle_kernels backends; norm="reference" always runs the reference); dropout defaults
-    to Table 1's value."""
+    to Table 1's value; upsample ("transpose", the paper's and the default, or "resize":
+    networks/unet.py) applies to the U-Nets only."""
     check_model_name(name)
     if dropout is None:
         dropout = PAPER_HPARAMS[name]["dropout"]
     if name == "di-conv-ae":
+        if upsample not in (None, "transpose"):
+            raise ValueError("upsample applies to the U-Nets only (di-conv-ae has its own decoder)")
         return DiConvAE(channels=width, dropout=dropout)
+    kw = dict(base_channels=width, norm_backend=norm_backend, upsample=upsample or "transpose")
     if name == "d-unet":
-        return d_unet(dropout=dropout, norm=norm or "batchnorm", base_channels=width,
-                      norm_backend=norm_backend)
-    return br_unet(dropout=dropout, norm=norm or "fused", base_channels=width, norm_backend=norm_backend)
+        return d_unet(dropout=dropout, norm=norm or "batchnorm", **kw)
+    return br_unet(dropout=dropout, norm=norm or "fused", **kw)
 
 
 __all__ = ["DiConvAE", "UNet", "d_unet", "br_unet", "build_model", "check_model_name",
-           "MODEL_NAMES", "DISPLAY_NAMES", "PAPER_HPARAMS", "NORMS", "PAPER_BATCH_SIZE",
+           "MODEL_NAMES", "DISPLAY_NAMES", "PAPER_HPARAMS", "NORMS", "UPSAMPLES", "PAPER_BATCH_SIZE",
            "PAPER_EPOCHS", "PAPER_NOISE_FACTORS"]

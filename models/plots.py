@@ -46,10 +46,11 @@ def loss_curves(history: list[dict], path: Path, *, title: str = "") -> None:
     _save(fig, path)
 
 
-def sample_grid(clean: torch.Tensor, noisy: torch.Tensor, denoised: torch.Tensor, path: Path,
+def sample_grid(clean: torch.Tensor | None, noisy: torch.Tensor, denoised: torch.Tensor, path: Path,
                 *, title: str = "") -> None:
-    """Rows: clean, noisy, denoised; one column per image (normalized [-1, 1] inputs; fig. 7)."""
-    rows = {"clean": clean, "noisy": noisy, "denoised": denoised}
+    """Rows: clean, noisy, denoised; one column per image (normalized [-1, 1] inputs; fig. 7).
+    clean None (a self-supervised run: no truth): rows input, denoised."""
+    rows = ({"input": noisy} if clean is None else {"clean": clean, "noisy": noisy}) | {"denoised": denoised}
     method_grid([(name, [("", img * 0.5 + 0.5) for img in images]) for name, images in rows.items()],
                 path, title=title)
 

@@ -171,22 +171,35 @@ def _kaggle_arrays(root: Path, image_size: int, cache_dir: Path, progress: bool)
 # ----------------------------------------------------------------------------- phantom
 
 def _phantom_arrays(count: int, test_count: int, image_size: int, phantom_seed: int,
-                    cache_dir: Path, progress: bool):
-    name = f"phantom-v{PHANTOM_VERSION}-s{phantom_seed}-{count}-{test_count}-{image_size}.npz"
+                    cache_dir: Path, progress: bool, kind: str = "classic"):
+    """(arrays, path, cache hit, per-image draws or None). kind "realistic": the domain-
+    randomised phantom (realistic_phantom.py), whose per-image scanner draws the cache keeps."""
+    if kind == "realistic":
+        from speckle_models.data.realistic_phantom import REALISTIC_VERSION, generate_realistic_phantom
+
+        name = f"realistic-v{REALISTIC_VERSION}-p{PHANTOM_VERSION}-s{phantom_seed}-{count}-{test_count}-{image_size}.npz"
+        generate = generate_realistic_phantom
+    elif kind == "classic":
+        name = f"phantom-v{PHANTOM_VERSION}-s{phantom_seed}-{count}-{test_count}-{image_size}.npz"
+        generate = generate_phantom
+    else:
+        raise ValueError(f"unknown phantom {kind!r}; expected classic or realistic")
     path = cache_dir / name
     key = name
     cached = load_cache(path, key)
     if cached is not None:
-        return cached[0], path, True
-    pool, pool_clean = generate_phantom(count, image_size=image_size, seed=2 * phantom_seed,
-                                        progress=progress, desc="phantom train")
-    test, test_clean = generate_phantom(test_count, image_size=image_size,
-                                        seed=2 * phantom_seed + 1, progress=progress,
-                                        desc="phantom test")
-    arrays = {"pool": pool.numpy(), "pool_clean": pool_clean.numpy(), "test": test.numpy(),
-              "test_clean": test_clean.numpy()}
-    save_cache(path, arrays, {"format": _CACHE_FORMAT, "key": key, "source": "phantom"})
-    return arrays, path, False
+        return cached[0], path, True, cached[1].get("draws")
+    parts = [generate(n, image_size=image_size, seed=2 * phantom_seed + k, progress=progress,
+                      desc=f"{kind} phantom {what}")
+             for k, (n, what) in enumerate(((count, "train"), (test_count, "test")))]
+    arrays = {"pool": parts[0][0].numpy(), "pool_clean": parts[0][1].numpy(), "test": parts[1][0].numpy(),
+              "test_clean": parts[1][1].numpy()}
+    meta = {"format": _CACHE_FORMAT, "key": key, "source": "phantom"}
+    draws = {"pool": parts[0][2], "test": parts[1][2]} if kind == "realistic" else None
+    if draws is not None:
+        meta["draws"] = draws
+    save_cache(path, arrays, meta)
+    return arrays, path, False, draws
 
 
 # ----------------------------------------------------------------------------- public API
@@ -210,13 +223,15 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor,
 def load_dataset(source="phantom", *, image_size: int = 128, seed: int = 0,
                  val_fraction: float = 0.2, count: int | None = None,
                  test_count: int | None = None, cache_dir=None, progress: bool = True,
-                 phantom_seed: int = 0) -> UltrasoundData:
+                 phantom_seed: int = 0, phantom: str = "classic") -> UltrasoundData:
     """Load (or build once and cache) the ultrasound images.
 
     source: "phantom" or the path of a Kaggle-layout folder. count / test_count: how many
     train+validation / test images (None: the full set; for the phantom, fewer images are
     generated, for Kaggle the first ones of a seeded shuffle are kept). seed picks the
-    train/validation split (and the Kaggle subset); phantom_seed the phantom's content.
+    train/validation split (and the Kaggle subset); phantom_seed the phantom's content;
+    phantom its kind ("classic" or "realistic", whose per-image scanner draws come in
+    info["draws"]: {"train": [...], "val": [...], "test": [...]}).
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
         raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
@@ -226,10 +241,10 @@ def load_dataset(source="phantom", *, image_size: int = 128, seed: int = 0,
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
     if isinstance(source, str) and source == "phantom":
-        arrays, path, hit = _phantom_arrays(count or KAGGLE_TRAIN_COUNT,
-                                            test_count or KAGGLE_TEST_COUNT, image_size,
-                                            phantom_seed, cache, progress)
-        name = "phantom"
+        arrays, path, hit, draws = _phantom_arrays(count or KAGGLE_TRAIN_COUNT,
+                                                   test_count or KAGGLE_TEST_COUNT, image_size,
+                                                   phantom_seed, cache, progress, phantom)
+        name = "phantom" if phantom == "classic" else f"{phantom} phantom"
     elif isinstance(source, (str, os.PathLike)):
         arrays, path, hit = _kaggle_arrays(Path(source), image_size, cache, progress)
         name = str(source)
@@ -238,6 +253,7 @@ def load_dataset(source="phantom", *, image_size: int = 128, seed: int = 0,
             if n is not None and n < len(arrays[part]):
                 keep = torch.randperm(len(arrays[part]), generator=g)[:n].sort().values.numpy()
                 arrays = {**arrays, part: arrays[part][keep]}
+        draws = None
     else:
         raise TypeError(f"source must be 'phantom' or a folder path, got {source!r}")
 
@@ -247,6 +263,9 @@ def load_dataset(source="phantom", *, image_size: int = 128, seed: int = 0,
                           test=torch.from_numpy(np.ascontiguousarray(arrays["test"])),
                           source=name, info={"cache": str(path), "cache_hit": hit,
                                              "seed": seed, "val_fraction": val_fraction})
+    if draws is not None:
+        data.info["draws"] = {"train": [draws["pool"][i] for i in tr.tolist()],
+                              "val": [draws["pool"][i] for i in va.tolist()], "test": draws["test"]}
     if "pool_clean" in arrays:
         pool_clean = torch.from_numpy(arrays["pool_clean"])
         data.train_clean, data.val_clean = pool_clean[tr], pool_clean[va]

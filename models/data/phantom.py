@@ -159,22 +159,29 @@ def _reflectivity(echo: torch.Tensor) -> torch.Tensor:
     return torch.pow(10.0, (MAP_DB / 10.0) * (echo - 1.0))
 
 
-def speckle_envelope(echo: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def speckle_envelope(echo: torch.Tensor, generator: torch.Generator, *,
+                     density_scale=1.0, reflectivity_scale=None) -> torch.Tensor:
     """Envelope |A| (n, depth, lateral) of the simulated echoes for echogenicity maps on the
-    simulation grid, scaled so that a 0 dB reflector (e = 1) has E|A|^2 = 1."""
-    density = 0.1 + 0.9 * echo
+    simulation grid, scaled so that a 0 dB reflector (e = 1) has E|A|^2 = 1.
+    density_scale multiplies the scatterer density (a number or a broadcastable tensor: fewer
+    scatterers, less developed speckle); reflectivity_scale multiplies the reflectivity (0:
+    no scatterers at all, a truly anechoic region). realistic_phantom.py uses both."""
+    density = (0.1 + 0.9 * echo) * density_scale
+    reflectivity = _reflectivity(echo) if reflectivity_scale is None else _reflectivity(echo) * reflectivity_scale
     occupied = torch.rand(echo.shape, generator=generator) < density
-    amplitude = torch.randn(echo.shape, generator=generator) * torch.sqrt(_reflectivity(echo) / density)
+    amplitude = torch.randn(echo.shape, generator=generator) * torch.sqrt(reflectivity / density.clamp(min=1e-6))
     scatterers = torch.where(occupied, amplitude, torch.zeros(()))
     envelope = analytic_rf(scatterers).abs().transpose(1, 2)
     return envelope * (1.0 / math.sqrt(_psf_energy()))
 
 
-def mean_intensity(echo: torch.Tensor, axial_scale: float = 1.0) -> torch.Tensor:
+def mean_intensity(echo: torch.Tensor, axial_scale: float = 1.0, *, reflectivity_scale=None) -> torch.Tensor:
     """Local mean of |A|^2 (the scale of speckle_envelope's square) on echo's grid: the
     reflectivity blurred by the PSF's intensity profile (Gaussian, sigma / sqrt 2 each way).
-    axial_scale: simulation pixels per pixel of `echo` along depth."""
-    r = _reflectivity(echo) @ _blur_matrix(echo.shape[2], SIGMA_LATERAL / math.sqrt(2))
+    axial_scale: simulation pixels per pixel of `echo` along depth; reflectivity_scale as in
+    speckle_envelope."""
+    r = _reflectivity(echo) if reflectivity_scale is None else _reflectivity(echo) * reflectivity_scale
+    r = r @ _blur_matrix(echo.shape[2], SIGMA_LATERAL / math.sqrt(2))
     return _blur_matrix(echo.shape[1], SIGMA_AXIAL / math.sqrt(2) / axial_scale) @ r
 
 

@@ -72,7 +72,7 @@ def _load(checkpoint, device="auto", *, fold: bool = False) -> tuple[nn.Module, 
     try:
         width = int(config["width"])
         model = build_model(name, norm=None if name == "di-conv-ae" else config.get("norm"),
-                            width=width, dropout=config.get("dropout"))
+                            width=width, dropout=config.get("dropout"), upsample=config.get("upsample"))
         model.load_state_dict(ckpt["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -21,17 +21,22 @@ from speckle_models.inference.image_io import IMAGE_SUFFIXES, quantize, write_fi
 METRIC_FIELDS = ["file", "frame", "output", "tissue_pixels", "window_top", "window_left", "window_height",
                  "window_width", "snr_before", "snr_after", "enl_before", "enl_after", "edge_preservation",
                  "local_mean_change", "cnr_before", "cnr_after", "gcnr_before", "gcnr_after", "gcnr_bins"]
+# the real-scan judge's figures (metrics/real_scan.py), as judge_<name> columns
+JUDGE_FIELDS = ("enl_ratio", "edge_ratio", "mean_abs_delta", "mean_corr", "black_before", "black_after",
+                "checker_before", "checker_after")
 
 
 def write_metrics(out: Path, rows: list[dict], meta: dict, *, overwrite: bool) -> None:
     atomic_write_text(out / "metrics.json", json.dumps({**meta, "images": rows}, indent=2) + "\n",
                       overwrite=overwrite)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore", lineterminator="\n")
+    fields = METRIC_FIELDS + [f"judge_{k}" for k in JUDGE_FIELDS]
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         box = row.get("window") or [None] * 4
-        writer.writerow({**row, **dict(zip(METRIC_FIELDS[4:8], box))})
+        judged = {f"judge_{k}": (row.get("judge") or {}).get(k) for k in JUDGE_FIELDS}
+        writer.writerow({**row, **dict(zip(METRIC_FIELDS[4:8], box)), **judged})
     atomic_write_text(out / "metrics.csv", buf.getvalue(), overwrite=overwrite)
 
 
@@ -81,6 +86,7 @@ def frame_hook(args, source, stem: Path, paths: list[Path], rows: list[dict]):
     """What happens after each written frame: its figure and its metrics row."""
     if not (args.figure or args.metrics):
         return None
+    from speckle_models.metrics.real_scan import calibration_outputs, judge, meets_targets
     from speckle_models.metrics.tissue_metrics import tissue_metrics
 
     figures = [p.with_name(p.name.rsplit(".", 1)[0] + ".figure.png") for p in frame_io.png_paths(stem, source.count)]
@@ -94,6 +100,13 @@ def frame_hook(args, source, stem: Path, paths: list[Path], rows: list[dict]):
             try:
                 row.update(tissue_metrics(result.before, result.after, result.tissue,
                                           window=args.metrics_window, roi_a=args.roi_a, roi_b=args.roi_b))
+                # the real-scan judge in the tissue, and on a file's first frame the same figures
+                # for the classical filters (calibration: what a known despeckler scores here)
+                row["judge"] = judge(result.before, result.after, tissue=result.tissue)
+                row["targets_met"] = meets_targets(row["judge"])
+                if k == 0:
+                    row["calibration"] = {name: judge(result.before, filtered, tissue=result.tissue)
+                                          for name, filtered in calibration_outputs(result.before).items()}
             except ValueError as e:
                 raise ValueError(f"{source.path}: {e}") from e
             rows.append(row)

@@ -203,7 +203,7 @@ def gcnr(image, mask_a, mask_b, *, bins: int = 256) -> torch.Tensor:
 
 
 def homogeneous_windows(image, size, count: int = 1, *, by: str = "cv", return_boxes: bool = False,
-                        allowed=None):
+                        within=None, min_mean: float | None = None):
     """The `count` most homogeneous, non-overlapping size x size windows of each image.
 
     by="cv": lowest local coefficient of variation sigma / mu (for envelope or intensity data,
@@ -214,8 +214,9 @@ def homogeneous_windows(image, size, count: int = 1, *, by: str = "cv", return_b
     so fewer windows than a grid packing may fit (at least ceil(P / ((2h-1)(2w-1))) for P
     window positions).
 
-    allowed: an optional boolean (N, H - h + 1, W - w + 1) (or unbatched) tensor of the window
-    positions (top, left) that may be chosen (e.g. windows wholly inside a tissue mask).
+    within: a boolean (H, W) or (N, H, W) mask the windows must lie in entirely (a tissue
+    region); min_mean: windows whose mean is below it are never chosen (black areas, where a
+    low std says nothing about speckle).
 
     Returns boolean masks of shape (count, N, H, W), best first, ready for the metrics (e.g.
     speckle_snr(image, masks[0])); with return_boxes=True also a (count, N, 4) int64 tensor of
@@ -244,12 +245,12 @@ def homogeneous_windows(image, size, count: int = 1, *, by: str = "cv", return_b
     if by == "cv":
         score = torch.where(mean > 0, score / mean, torch.full_like(score, float("inf")))
     score = torch.nan_to_num(score, nan=float("inf"))
-    if allowed is not None:
-        allowed = torch.as_tensor(allowed, device=score.device)
-        if allowed.dtype != torch.bool or tuple(allowed.shape[-2:]) != tuple(score.shape[1:]):
-            raise ValueError(f"allowed must be a boolean tensor of window positions "
-                             f"{tuple(score.shape[1:])}, got {allowed.dtype} {tuple(allowed.shape)}")
-        score = score.masked_fill(~allowed.expand_as(score), float("inf"))
+    if min_mean is not None:
+        score = torch.where(mean >= min_mean, score, torch.full_like(score, float("inf")))
+    if within is not None:
+        inside = _as_mask(within, images, "within", 1).to(images.dtype)[:, None]
+        full = F.avg_pool2d(inside, (wh, ww), stride=1)[:, 0] >= 1.0 - 0.5 / area
+        score = torch.where(full, score, torch.full_like(score, float("inf")))
     ph, pw = score.shape[1:]
     rows = torch.arange(ph, device=score.device).view(1, -1, 1)
     cols = torch.arange(pw, device=score.device).view(1, 1, -1)

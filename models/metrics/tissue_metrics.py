@@ -49,18 +49,15 @@ def rice_bins(n: int) -> int:
 def tissue_window(before: np.ndarray, tissue: np.ndarray, size: int) -> tuple[int, int, int, int] | None:
     """(top, left, size, size) of the input's most homogeneous window inside the tissue
     (module docstring), or None when no window fits."""
-    import torch.nn.functional as F
-
     if min(before.shape) < size or tissue.sum() < size * size:
         return None
     x = torch.from_numpy(before.astype(np.float64))[None]
-    inside = F.avg_pool2d(torch.from_numpy(tissue.astype(np.float64))[None, None], size, stride=1)[0, 0]
-    mean = F.avg_pool2d(x[None], size, stride=1)[0, 0]
     floor = MIN_MEAN_FRACTION * float(np.median(before[tissue]))
-    allowed = (inside > 1 - 1e-9) & (mean >= floor)
-    if not bool(allowed.any()):
+    try:
+        _, boxes = homogeneous_windows(x, size, by="std", within=torch.from_numpy(tissue), min_mean=floor,
+                                       return_boxes=True)
+    except ValueError:  # no window lies wholly inside the tissue above the floor
         return None
-    _, boxes = homogeneous_windows(x, size, by="std", allowed=allowed, return_boxes=True)
     return tuple(int(b) for b in boxes[0, 0])
 
 

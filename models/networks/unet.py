@@ -19,7 +19,13 @@ Choices where the paper and its sources disagree (and why):
   activation (section 2.2), so it pools the same way, with stride 2.
 - Upsampling by ConvTranspose2d(kernel 2, stride 2). Table 1 lists stride 1 and "dilation 2"
   for D-U-Net, which cannot restore the resolution halved by a pool; Br-U-Net's column
-  (kernel 2, stride 2) is the one that makes the U close, and it is used for both.
+  (kernel 2, stride 2) is the one that makes the U close, and it is used for both (the paper
+  presets' default, upsample="transpose"). Each output pixel of a kernel-2 stride-2 transposed
+  convolution gets exactly one of the kernel's four taps, chosen by its position mod 2, so
+  any mismatch between the taps prints a period-2 pattern (Odena et al., "Deconvolution and
+  checkerboard artifacts", Distill 2016). upsample="resize" is their remedy, resize-
+  convolution: bilinear x2 (align_corners=False) then a 3x3 convolution, whose every output
+  pixel sees the same weights, so no period-2 pattern unless the input carries one.
 - 3x3 convolutions with dilation 1, padding 1 (size preserving). Table 1 pairs "dilation 2"
   with padding 1 for D-U-Net (which would shrink every map by 2 pixels) and with padding 2
   for Br-U-Net; the text describes plain 3x3 convolutions, so both use dilation 1. `dilation`
@@ -50,6 +56,7 @@ from speckle_kernels import FusedBatchRenorm2d, FusedBatchRenormAct2d
 
 NORMS = ("fused", "reference", "batchnorm")
 ACTIVATIONS = ("relu", "leaky_relu")
+UPSAMPLES = ("transpose", "resize")
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -103,29 +110,42 @@ class _ConvUnit(nn.Sequential):
         super().__init__(*layers)
 
 
+def make_upsample(kind: str, cin: int, cout: int) -> nn.Module:
+    """x2 upsampling from cin to cout channels: ConvTranspose2d(2, stride 2) ("transpose", the
+    paper's) or bilinear x2 then Conv 3x3 ("resize"; the module docstring says why)."""
+    if kind == "transpose":
+        return nn.ConvTranspose2d(cin, cout, 2, stride=2)
+    if kind == "resize":
+        return nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                             nn.Conv2d(cin, cout, 3, padding=1))
+    raise ValueError(f"unknown upsample {kind!r}; expected one of {', '.join(UPSAMPLES)}")
+
+
 class UNet(nn.Module):
     """The paper's denoising U-Net; see the module docstring for the layout and the choices."""
 
     def __init__(self, *, norm: str = "batchnorm", activation: str = "relu", dropout: float = 0.1,
                  base_channels: int = 32, depth: int = 4, dilation: int = 1, in_channels: int = 1,
-                 norm_backend: str = "auto"):
+                 norm_backend: str = "auto", upsample: str = "transpose"):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; expected one of {', '.join(NORMS)}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
+        if upsample not in UPSAMPLES:
+            raise ValueError(f"unknown upsample {upsample!r}; expected one of {', '.join(UPSAMPLES)}")
         if depth < 1 or base_channels < 1 or not 0 <= dropout < 1:
             raise ValueError("depth and base_channels must be >= 1 and dropout in [0, 1)")
         kw = dict(norm=norm, act=activation, dilation=dilation, norm_backend=norm_backend)
         widths = [base_channels * 2 ** i for i in range(depth + 1)]  # the last is the bottleneck
         self.depth = depth
+        self.upsample = upsample
         self.stem = _ConvUnit(in_channels, widths[0], dropout=0.0, **kw)
         self.down = nn.ModuleList(
             nn.Sequential(nn.MaxPool2d(2), _ConvUnit(widths[i], widths[i + 1], dropout=dropout, **kw))
             for i in range(depth))
         # up[i] brings level i+1 (widths[i+1] channels) to level i's resolution and width.
-        self.up = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2)
-                                for i in range(depth))
+        self.up = nn.ModuleList(make_upsample(upsample, widths[i + 1], widths[i]) for i in range(depth))
         self.merge = nn.ModuleList(
             _ConvUnit(2 * widths[i], widths[i], dropout=dropout, post_norm=True, **kw)
             for i in range(depth))

@@ -49,6 +49,20 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
+def load_init_weights(model: torch.nn.Module, path: str | os.PathLike) -> dict:
+    """Copy a checkpoint's weights into `model` (fine-tuning: --init); its config. ValueError
+    naming the file and the first mismatch when the architectures differ."""
+    ckpt = load_checkpoint(path)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError) as e:
+        saved = ckpt["config"] if isinstance(ckpt["config"], dict) else {}
+        arch = {k: saved.get(k) for k in ("model", "width", "norm", "upsample")}
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--init {path}: its weights ({arch}) do not fit this network: {first}") from e
+    return ckpt["config"]
+
+
 def write_metrics(out: Path, config: TrainConfig, history: list[dict], extra: dict | None = None) -> None:
     doc = {"config": asdict(config), "history": history,
            "total_time_s": sum(h["epoch_time_s"] for h in history)}

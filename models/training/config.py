@@ -7,6 +7,16 @@ Targets (TrainConfig.target):
 - "speckle-free" (phantom only): the same input, the target is the speckle-free map the image
   was simulated from (data.*_clean), normalized the same way: the network despeckles. The
   added noise may then be zero (noise factor 0 and --sigma-add 0: physical speckle only).
+- "self-supervised": no target at all. The input is the same, the loss is a self-supervised
+  objective on it (training/self_supervised.py, method ss_method) whose mask is sized by the
+  speckle correlation measured on the training images (or given: correlation). Works on the
+  phantom, whose speckle-free maps are then dropped before training (never read), and on a
+  folder of the user's scans (training/scan_folder.py: PNG/TIFF/DICOM, cines included).
+  init: the checkpoint whose weights the run starts from (fine-tuning).
+
+phantom: which phantom "--data phantom" is: "classic" (data/phantom.py as it is, so committed
+tables stay reproducible) or "realistic" (data/realistic_phantom.py: domain randomised).
+upsample: the U-Nets' upsampling, "transpose" (the paper's) or "resize" (networks/unet.py).
 """
 from __future__ import annotations
 
@@ -19,7 +29,7 @@ import torch
 from speckle_kernels._backend import BACKENDS, check_backend_name
 from speckle_kernels.noise_stream import DEFAULT_SIGMA_ADD, DEFAULT_SIGMA_MULT, DISTRIBUTIONS
 
-from speckle_models import NORMS, PAPER_BATCH_SIZE, PAPER_EPOCHS, PAPER_HPARAMS, check_model_name
+from speckle_models import NORMS, UPSAMPLES, PAPER_BATCH_SIZE, PAPER_EPOCHS, PAPER_HPARAMS, check_model_name
 
 # Seeds of the evaluation noise: fixed, so every model and run sees the same noisy images.
 VAL_NOISE_SEED = 20_240_001
@@ -55,7 +65,8 @@ PRESETS = {
                    threads=1,
                    lr={"di-conv-ae": 0.004, "d-unet": 0.005, "br-unet": 0.002}),
 }
-TARGETS = ("clean", "speckle-free")
+TARGETS = ("clean", "speckle-free", "self-supervised")
+PHANTOMS = ("classic", "realistic")
 
 
 @dataclass
@@ -89,7 +100,12 @@ class TrainConfig:
     progress: bool = True
     cache_dir: str | None = None
     threads: int | None = None       # CPU intra-op threads; None: torch's default
-    target: str = "clean"            # "clean" | "speckle-free" (module docstring)
+    target: str = "clean"            # "clean" | "speckle-free" | "self-supervised" (module docstring)
+    upsample: str | None = None      # U-Nets: "transpose" (None) | "resize"
+    ss_method: str | None = None     # self-supervised only; None: self_supervised.DEFAULT_METHOD
+    correlation: tuple | None = None # (axial, lateral) px; None: measured on the training images
+    init: str | None = None          # checkpoint to start from (fine-tuning)
+    phantom: str = "classic"         # "classic" | "realistic" (module docstring)
 
     def resolved(self) -> "TrainConfig":
         """Fill the model-dependent and noise defaults and check every value."""
@@ -108,6 +124,26 @@ class TrainConfig:
         elif c.norm not in NORMS:
             raise ValueError(f"unknown norm {c.norm!r}; expected one of {', '.join(NORMS)}")
         check_backend_name(c.norm_backend)
+        if c.upsample not in (None, *UPSAMPLES):
+            raise ValueError(f"unknown upsample {c.upsample!r}; expected one of {', '.join(UPSAMPLES)}")
+        if c.model == "di-conv-ae" and c.upsample == "resize":
+            raise ValueError("--upsample applies to the U-Nets only (di-conv-ae has its own decoder)")
+        c.upsample = c.upsample or "transpose"
+        if c.phantom not in PHANTOMS:
+            raise ValueError(f"unknown phantom {c.phantom!r}; expected one of {', '.join(PHANTOMS)}")
+        if c.target == "self-supervised":
+            from speckle_models.training.self_supervised import DEFAULT_METHOD, METHODS
+
+            c.ss_method = c.ss_method or DEFAULT_METHOD
+            if c.ss_method not in METHODS:
+                raise ValueError(f"unknown self-supervised method {c.ss_method!r}; expected one of "
+                                 f"{', '.join(METHODS)}")
+        elif c.ss_method is not None:
+            raise ValueError("--ss-method goes with --target self-supervised")
+        if c.correlation is not None:
+            c.correlation = tuple(int(v) for v in c.correlation)
+            if len(c.correlation) != 2 or min(c.correlation) < 1:
+                raise ValueError(f"correlation must be (axial, lateral) >= 1 px, got {c.correlation!r}")
         if c.sigma_mult is None or c.sigma_add is None:
             c.sigma_mult = DEFAULT_SIGMA_MULT if c.sigma_mult is None else c.sigma_mult
             c.sigma_add = DEFAULT_SIGMA_ADD if c.sigma_add is None else c.sigma_add
@@ -131,13 +167,18 @@ class TrainConfig:
 # field had in checkpoints written before it existed.
 RESUME_KEYS = ("model", "noise_factor", "data", "batch_size", "lr", "dropout", "width",
                "image_size", "count", "val_fraction", "norm", "distribution", "sigma_mult",
-               "sigma_add", "seed", "cuda_graph", "target")
-RESUME_DEFAULTS = {"target": "clean"}
+               "sigma_add", "seed", "cuda_graph", "target", "upsample", "ss_method", "correlation",
+               "init", "phantom")
+RESUME_DEFAULTS = {"target": "clean", "upsample": "transpose", "ss_method": None, "correlation": None,
+                   "init": None, "phantom": "classic"}
 
 
 def resume_mismatch(saved: dict, config: "TrainConfig") -> list[str]:
     """The RESUME_KEYS on which a checkpoint's saved config and `config` disagree."""
-    return [k for k in RESUME_KEYS if saved.get(k, RESUME_DEFAULTS.get(k)) != getattr(config, k)]
+    def value(v):  # a checkpoint stores tuples as lists
+        return tuple(v) if isinstance(v, list) else v
+
+    return [k for k in RESUME_KEYS if value(saved.get(k, RESUME_DEFAULTS.get(k))) != value(getattr(config, k))]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -168,7 +209,15 @@ def add_common_arguments(p: argparse.ArgumentParser, *, distribution: bool = Tru
         p.add_argument("--distribution", default="gaussian", choices=DISTRIBUTIONS)
     p.add_argument("--target", default="clean", choices=TARGETS,
                    help="clean: the image without the added noise (the paper); speckle-free: "
-                        "the phantom's speckle-free map (despeckling)")
+                        "the phantom's speckle-free map (despeckling); self-supervised: no target, "
+                        "the speckled images alone (--data phantom or a folder of your scans)")
+    p.add_argument("--ss-method", help="self-supervised objective: blind-spot (default) | neighbor2neighbor")
+    p.add_argument("--correlation-length", metavar="AXIAL,LATERAL",
+                   help="speckle decorrelation lengths in px (default: measured on the training images)")
+    p.add_argument("--phantom", default="classic", choices=PHANTOMS,
+                   help="with --data phantom: classic (the committed tables') or realistic (domain randomised)")
+    p.add_argument("--upsample", choices=UPSAMPLES,
+                   help="U-Net upsampling: transpose (the paper's, default) or resize (bilinear x2 + conv 3x3)")
     p.add_argument("--sigma-mult", type=float, help="multiplicative sigma before the factor")
     p.add_argument("--sigma-add", type=float, help="additive noise sigma")
     p.add_argument("--cache-dir")
@@ -181,6 +230,14 @@ def add_common_arguments(p: argparse.ArgumentParser, *, distribution: bool = Tru
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--log-every", type=int, default=20, help="steps between progress reads")
+
+
+def _correlation_arg(text):
+    if text is None:
+        return None
+    from speckle_models.training.self_supervised import parse_correlation
+
+    return parse_correlation(text)
 
 
 def config_from_args(args: argparse.Namespace, *, model: str, noise_factor: float, out: str,
@@ -200,6 +257,9 @@ def config_from_args(args: argparse.Namespace, *, model: str, noise_factor: floa
                   device=args.device, amp=False if args.no_amp else None,
                   compile=args.compile, cuda_graph=args.cuda_graph, log_every=args.log_every,
                   norm_backend=args.norm_backend, target=args.target,
+                  upsample=getattr(args, "upsample", None), ss_method=getattr(args, "ss_method", None),
+                  correlation=_correlation_arg(getattr(args, "correlation_length", None)),
+                  phantom=getattr(args, "phantom", "classic"),
                   progress=not args.no_progress, cache_dir=args.cache_dir)
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(model=model, out=out, noise_factor=noise_factor, **fields).resolved()

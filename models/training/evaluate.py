@@ -20,15 +20,22 @@ from speckle_models.training.config import TrainConfig
 
 
 def load_data(config: TrainConfig):
-    """The dataset the config names (phantom or a folder/file of ultrasound images)."""
+    """The dataset the config names: the phantom (config.phantom's kind), a Kaggle-layout
+    folder, or, for a self-supervised run, any folder of the user's scans (scan_folder.py)."""
     from speckle_models.data.datasets import load_dataset
 
     if config.data != "phantom" and not os.path.exists(config.data):
         raise ValueError(f"data path {config.data!r} does not exist")
+    if config.data != "phantom" and config.target == "self-supervised":
+        from speckle_models.training.scan_folder import load_scan_folder
+
+        return load_scan_folder(config.data, image_size=config.image_size, seed=config.seed,
+                                val_fraction=config.val_fraction, count=config.count,
+                                progress=config.progress)
     return load_dataset(config.data, image_size=config.image_size, seed=config.seed,
                         val_fraction=config.val_fraction, count=config.count,
                         test_count=config.test_count, cache_dir=config.cache_dir,
-                        progress=config.progress)
+                        progress=config.progress, phantom=config.phantom)
 
 
 def check_target(data, config: TrainConfig) -> None:

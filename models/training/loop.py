@@ -7,6 +7,10 @@ images/s. Files in config.out, each written atomically: checkpoint.pt, metrics.j
 
 config.target "speckle-free" trains against the phantom's speckle-free maps (pairs.py makes the
 batches; validation scores are against the maps too); data without such maps is refused.
+config.target "self-supervised" drops the maps, measures the speckle correlation on the training
+images and trains with self_supervised.py's objective (validation: the objective on the
+validation images with fixed masks; no PSNR or SSIM, there being no truth). config.init
+starts from another run's weights (fine-tuning; a resumed run starts from its own checkpoint).
 
 Resuming continues from checkpoint.pt at the epoch boundary it recorded: the weights, the
 optimizer, the RNG and the epoch counter come back, and the data order and the training noise
@@ -36,8 +40,8 @@ import torch.nn.functional as F
 from speckle_models.data.datasets import DeviceBatches
 
 from speckle_models import build_model
-from speckle_models.training import distributed
-from speckle_models.training.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_NAME, CHECKPOINT_VERSION, load_checkpoint, save_checkpoint, write_metrics
+from speckle_models.training import distributed, self_supervised
+from speckle_models.training.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_NAME, CHECKPOINT_VERSION, load_checkpoint, load_init_weights, save_checkpoint, write_metrics
 from speckle_models.training.config import VAL_NOISE_SEED, TrainConfig, resolve_device, resume_mismatch
 from speckle_models.training.evaluate import check_target, eval_pair, evaluate, load_data, predict
 from speckle_models.networks.flops import step_flops, throughput_note
@@ -128,13 +132,19 @@ def train(config: TrainConfig, *, data=None, resume: bool = False, overwrite: bo
         torch.set_num_threads(config.threads)
     if data is None:
         data = load_data(config)
+    objective = corr = None
+    if config.target == "self-supervised":
+        data, objective, corr = self_supervised.prepare(data, config)
+        _say(config, self_supervised.describe(corr))
     check_target(data, config)
     out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(config.seed)
     model = build_model(config.model, norm=None if config.model == "di-conv-ae" else config.norm,
                         width=config.width, dropout=config.dropout,
-                        norm_backend=config.norm_backend).to(device)
+                        norm_backend=config.norm_backend, upsample=config.upsample).to(device)
+    if config.init is not None and ckpt is None:
+        load_init_weights(model, config.init)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = distributed.sync_norms(model, dctx, device)
@@ -168,10 +178,15 @@ def train(config: TrainConfig, *, data=None, resume: bool = False, overwrite: bo
 
     loss_sum = torch.zeros((), device=device)
 
-    def step(noisy, clean):
+    def forward(x):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            pred = run_model(noisy)
-        loss = F.mse_loss(pred.float(), clean.float())
+            return run_model(x)
+
+    def step(noisy, clean):
+        if objective is None:
+            loss = F.mse_loss(forward(noisy).float(), clean.float())
+        else:
+            loss = objective(forward, noisy)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=not config.cuda_graph)
@@ -219,7 +234,12 @@ def train(config: TrainConfig, *, data=None, resume: bool = False, overwrite: bo
         compute = throughput_note(flops_per_image, seen, time.perf_counter() - t0, device)
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training diverged at epoch {epoch + 1} (loss {train_loss})")
-        val = evaluate(run_model, val_noisy, val_clean, **eval_kw)
+        if objective is None:
+            val = evaluate(run_model, val_noisy, val_clean, **eval_kw)
+        else:
+            val = {"loss": self_supervised.validation_loss(objective, run_model, val_noisy, seed=VAL_NOISE_SEED,
+                                                           batch_size=eval_kw["batch_size"], amp=amp),
+                   "psnr": None, "ssim": None}
         if cuda:
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - t0
@@ -232,23 +252,25 @@ def train(config: TrainConfig, *, data=None, resume: bool = False, overwrite: bo
             save_checkpoint(ckpt_path, {
                 "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": asdict(config),
                 "epoch": epoch + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "rng": _rng_state(device), "history": history})
-            write_metrics(out, config, history)
+                "rng": _rng_state(device), "history": history,
+                **({"speckle_correlation": corr.as_dict()} if corr is not None else {})})
+            write_metrics(out, config, history,
+                          {"speckle_correlation": corr.as_dict()} if corr is not None else None)
         distributed.barrier(dctx)
+        scores = f"PSNR {val['psnr']:.2f} dB  SSIM {val['ssim']:.4f}  " if val["psnr"] is not None else ""
         _say(config, f"epoch {epoch + 1}/{config.epochs}: train {train_loss:.5f}  val {val['loss']:.5f}  "
-                     f"PSNR {val['psnr']:.2f} dB  SSIM {val['ssim']:.4f}  {elapsed:.1f} s  "
-                     f"{_compute_text(compute)}")
+                     f"{scores}{elapsed:.1f} s  {_compute_text(compute)}")
     # a finished run resumed trains nothing: its figures are redrawn only if missing
     figures = (out / "train_loss.png", out / "train_samples.png")
     redraw = start_epoch < config.epochs or not all(f.exists() for f in figures)
     if plots and history and dctx.is_main and redraw:
         title = (f"{config.model}, {config.distribution} noise x{config.noise_factor:g} "
-                 f"(sigma {config.sigma_mult:g})" + (", speckle-free target" if config.target != "clean" else ""))
+                 f"(sigma {config.sigma_mult:g})" + ("" if config.target == "clean" else f", {config.target} target"))
         loss_curves(history, figures[0], title=title)
         k = min(4, val_noisy.shape[0])
         # the bare model: only rank 0 draws, so no collective may run here
-        sample_grid(val_clean[:k], val_noisy[:k], predict(model, val_noisy[:k], **eval_kw),
-                    figures[1], title=title)
+        sample_grid(val_clean[:k] if objective is None else None, val_noisy[:k],
+                    predict(model, val_noisy[:k], **eval_kw), figures[1], title=title)
     return TrainResult(model=model, config=config, history=history, out=out)
 
 

@@ -1,0 +1,192 @@
+"""The real-scan judge: does a despeckler make *this* scan better? No truth needed.
+
+A real scan has no speckle-free map, and no single number can tell despeckling from damage (a
+grey veil raises ENL; so does a blur). The judge therefore reads five figures of an output
+against its input, v = stored / max in [0, 1] (the figures in /255 are v * 255):
+
+1. speckle suppression: ENL = mu^2 / sigma^2 and speckle SNR = mu / sigma in the WINDOWS most
+   homogeneous WINDOW x WINDOW windows of the input (lowest local std, inside the tissue, input
+   mean >= DARK_LEVEL so black areas are never picked; speckle_stats.homogeneous_windows), the
+   same windows after; the ratio ENL_after / ENL_before of their means.
+2. local mean kept: the Gaussian-sigma-MEAN_SIGMA maps of input and output over the tissue:
+   mean |delta| (in /255) and their Pearson correlation (a veil moves the first, a smear
+   lowers the second).
+3. edges kept: the strongest large-scale edges are the EDGE_FRACTION of tissue pixels with the
+   largest input gradient at scale EDGE_SELECT_SIGMA (speckle averaged away); there the
+   gradient magnitude at scale EDGE_MEASURE_SIGMA, sum over output / sum over input. For an
+   ideal step blurred to width w (a Gaussian), measured at its centre, the gradient is
+   A / (sqrt(2 pi) sqrt(w^2 + s^2)) at measuring scale s, so blurring w0 -> w1 keeps
+   sqrt(w0^2 + s^2) / sqrt(w1^2 + s^2) (tests/test_real_scan.py checks this closed form).
+4. black kept: large-scale black = input's sigma-MEAN_SIGMA map <= BLACK_LEVEL, eroded by
+   BLACK_ERODE px (whole frame: the black outside a sector counts too); the mean output there
+   (/255), against the input's. None when fewer than MIN_BLACK pixels qualify.
+5. no checkerboard: in the CHECKER_WINDOW x CHECKER_WINDOW grid windows whose input mean is
+   <= DARK_LEVEL, the share of the output's AC energy in its 2x2-periodic component (the
+   pattern of a kernel-2 stride-2 transposed convolution: frequencies (0, pi), (pi, 0),
+   (pi, pi)), pooled: sum_w (N/4) sum_ab (m_ab - m)^2 / sum_w sum (p - m)^2, m_ab the means of
+   the four polyphase sub-grids. 1 for a pure period-2 pattern; 3 / (N - 1) expected for white
+   noise; 0 for a flat output (no AC energy). None without dark windows.
+
+The tissue mask defaults to the whole frame; scanner DICOM regions and automatic tissue
+detection come with the DICOM work (training/scan_folder.tissue_regions is the one place that
+will pass them). TARGETS are the issue's targets for a network fine-tuned on the user's scans;
+`meets_targets` reads a judge row against them. `calibration_outputs` gives the same frame
+through Lee, Frost, SRAD and a median filter, so a row can be read against known filters.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from speckle_models.metrics.smoothing import gaussian_blur, gaussian_gradient
+from speckle_models.metrics.speckle_stats import homogeneous_windows
+
+WINDOW, WINDOWS = 16, 8
+DARK_LEVEL = 40 / 255
+MEAN_SIGMA = 3.0
+EDGE_SELECT_SIGMA, EDGE_MEASURE_SIGMA, EDGE_FRACTION = 3.0, 1.0, 0.02
+EDGE_MIN_GRADIENT = 1 / 255       # per pixel at the selection scale: weaker "edges" are noise
+BLACK_LEVEL, BLACK_ERODE, MIN_BLACK = 8 / 255, 3, 64
+CHECKER_WINDOW = 16
+TARGETS = {"enl_ratio": (">=", 3.0), "edge_ratio": (">=", 0.85), "mean_abs_delta": ("<=", 4.0),
+           "mean_corr": (">=", 0.95), "black_after": ("<=", 4.0), "checker_after": ("<=", 0.05)}
+# Calibration filters (speckle_filters.py / baselines.py): their default settings, the median of 5
+CALIBRATION = {"Lee": ("lee", {"window": 7}), "Frost": ("frost", {"window": 5, "damping": 2.0}),
+               "SRAD": ("srad", {"iterations": 30}), "median 5": ("median", {"size": 5})}
+
+__all__ = ["judge", "meets_targets", "calibration_outputs", "checkerboard_fraction", "TARGETS"]
+
+
+def _frame(a, name: str) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(a, dtype=np.float64)) if not isinstance(a, torch.Tensor) else a.double()
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be one (H, W) frame, got shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} has non-finite values")
+    return t.cpu()
+
+
+def _finite(x) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def checkerboard_fraction(frames: torch.Tensor, windows: torch.Tensor) -> float | None:
+    """Pooled 2x2-periodic share of the AC energy of `frames` (N, H, W) over the selected
+    grid windows (boolean (N, h, w) over the CHECKER_WINDOW grid); None if none selected."""
+    k = CHECKER_WINDOW
+    n, h, w = frames.shape
+    tiles = frames[:, :h // k * k, :w // k * k].reshape(n, h // k, k, w // k, k).permute(0, 1, 3, 2, 4)
+    tiles = tiles[windows]                                   # (T, k, k)
+    if tiles.shape[0] == 0:
+        return None
+    mean = tiles.mean(dim=(1, 2), keepdim=True)
+    ac = (tiles - mean).square().sum()
+    poly = tiles.reshape(-1, k // 2, 2, k // 2, 2).mean(dim=(1, 3))          # (T, 2, 2)
+    periodic = (k * k / 4) * (poly - mean.view(-1, 1, 1)).square().sum()
+    return float(periodic / ac) if float(ac) > 0 else 0.0
+
+
+def _dark_windows(before: torch.Tensor) -> torch.Tensor:
+    k = CHECKER_WINDOW
+    h, w = before.shape
+    if h < k or w < k:
+        return torch.zeros(0, 0, dtype=torch.bool)
+    means = F.avg_pool2d(before[None, None, :h // k * k, :w // k * k], k)[0, 0]
+    return means <= DARK_LEVEL
+
+
+def judge(before, after, *, tissue=None) -> dict:
+    """The judge's figures of one output frame against its input (module docstring); values
+    that are undefined on this frame (no edges, no black, a constant window) are None."""
+    x, y = _frame(before, "before"), _frame(after, "after")
+    if x.shape != y.shape:
+        raise ValueError(f"before {tuple(x.shape)} and after {tuple(y.shape)} differ in shape")
+    h, w = x.shape
+    mask = torch.ones(h, w, dtype=torch.bool) if tissue is None else torch.as_tensor(tissue, dtype=torch.bool)
+    if mask.shape != x.shape:
+        raise ValueError(f"tissue mask {tuple(mask.shape)} does not match the frame {tuple(x.shape)}")
+    if not bool(mask.any()):
+        raise ValueError("the tissue mask is empty")
+    pair = torch.stack([x, y])[:, None]                      # (2, 1, H, W)
+    row: dict = {}
+
+    # 1. speckle suppression in the input's most homogeneous bright windows
+    size = min(WINDOW, h, w)
+    try:
+        masks = homogeneous_windows(x[None], size, WINDOWS, by="std", within=mask, min_mean=DARK_LEVEL)
+    except ValueError:
+        masks = None
+        for count in range(WINDOWS - 1, 0, -1):              # fewer windows fit: take what fits
+            try:
+                masks = homogeneous_windows(x[None], size, count, by="std", within=mask, min_mean=DARK_LEVEL)
+                break
+            except ValueError:
+                continue
+    if masks is None:
+        row.update(windows=0, enl_before=None, enl_after=None, enl_ratio=None, snr_before=None, snr_after=None)
+    else:
+        sel = masks[:, 0]                                   # (K, H, W)
+        vals = torch.stack([torch.stack([img[m] for m in sel]) for img in (x, y)])  # (2, K, size^2)
+        mu, sd = vals.mean(-1), vals.std(-1)
+        enl, snr = (mu / sd).square().mean(-1), (mu / sd).mean(-1)
+        row.update(windows=int(sel.shape[0]), enl_before=_finite(enl[0]), enl_after=_finite(enl[1]),
+                   enl_ratio=_finite(enl[1] / enl[0]), snr_before=_finite(snr[0]), snr_after=_finite(snr[1]))
+
+    # 2. local mean kept
+    smooth = gaussian_blur(pair, MEAN_SIGMA)[:, 0]
+    a, b = smooth[0][mask], smooth[1][mask]
+    row["mean_abs_delta"] = float((a - b).abs().mean() * 255)
+    da, db = a - a.mean(), b - b.mean()
+    den = torch.sqrt(da.square().sum() * db.square().sum())
+    row["mean_corr"] = float((da * db).sum() / den) if float(den) > 0 else None
+
+    # 3. edges kept, at the input's strongest large-scale edges
+    select = gaussian_gradient(pair[:1], EDGE_SELECT_SIGMA)[0, 0][mask]
+    measure = gaussian_gradient(pair, EDGE_MEASURE_SIGMA)[:, 0][:, mask]
+    k = max(1, int(round(EDGE_FRACTION * select.numel())))
+    top = torch.topk(select, k).indices
+    top = top[select[top] >= EDGE_MIN_GRADIENT]
+    if top.numel() == 0:
+        row.update(edge_pixels=0, edge_ratio=None)
+    else:
+        row.update(edge_pixels=int(top.numel()),
+                   edge_ratio=_finite(measure[1, top].sum() / measure[0, top].sum()))
+
+    # 4. black kept (whole frame)
+    black = smooth[0] <= BLACK_LEVEL
+    r = BLACK_ERODE
+    black = -F.max_pool2d(-black[None, None].double(), 2 * r + 1, stride=1, padding=r)[0, 0] > 0.5
+    n_black = int(black.sum())
+    row["black_pixels"] = n_black
+    if n_black >= MIN_BLACK:
+        row.update(black_before=float(x[black].mean() * 255), black_after=float(y[black].mean() * 255))
+    else:
+        row.update(black_before=None, black_after=None)
+
+    # 5. checkerboard energy in dark windows
+    dark = _dark_windows(x)
+    row["dark_windows"] = int(dark.sum())
+    row["checker_before"] = checkerboard_fraction(x[None], dark[None]) if dark.any() else None
+    row["checker_after"] = checkerboard_fraction(y[None], dark[None]) if dark.any() else None
+    return row
+
+
+def meets_targets(row: dict) -> dict:
+    """{figure: True/False/None} against TARGETS (None: the figure is undefined on the frame)."""
+    out = {}
+    for key, (op, bound) in TARGETS.items():
+        v = row.get(key)
+        out[key] = None if v is None else (v >= bound if op == ">=" else v <= bound)
+    return out
+
+
+def calibration_outputs(frame: np.ndarray) -> dict[str, np.ndarray]:
+    """The frame (v in [0, 1]) through the CALIBRATION filters, each clipped to [0, 1]."""
+    from speckle_models.reproduction.baselines import apply_filter
+
+    v = np.asarray(frame, dtype=np.float64)
+    return {name: apply_filter(kind, v, **params) for name, (kind, params) in CALIBRATION.items()}
