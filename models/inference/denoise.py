@@ -16,6 +16,13 @@ mostly padding). The networks replicate-pad to their multiple themselves (16 for
 
 Tiling, when H * W exceeds max_pixels: tiling.py (tiled output equals untiled output).
 
+The command's fast path (engine.py), chosen once per run and named in the summary ("path"):
+norms folded, channels_last, bf16 where the hardware has native bf16 (else fp32), torch.compile
+when the run's frame count pays for the compilation; --precision, --no-fold and --compile
+override. Each file streams through pipeline.py (decode k+1 and encode k-1 while the network
+runs k; streams.py reads and writes frame by frame); the summary gives frames/s end to end and
+the share of time in decode, network and encode.
+
 --metrics: speckle SNR and ENL on the most homogeneous window of the input (lowest local
 coefficient of variation, homogeneous_windows(by="cv"); the same window before and after), and
 CNR and gCNR between two given boxes (--roi-a/--roi-b), each before and after, on v in [0, 1]
@@ -43,10 +50,14 @@ from speckle_models import MODEL_NAMES, build_model
 from speckle_models.inference.tiling import (DEFAULT_BATCH, DEFAULT_MAX_PIXELS, DEFAULT_TILE, MIN_SIDE, aligned_halo, check_tiling,
                      default_overlap,
                      denoise_frames, reaches, receptive_radius, size_multiple, tile_spans)
-from speckle_models.inference.image_io import (IMAGE_SUFFIXES, OUTPUT_FORMATS, ImageFrames, frame_paths, quantize,
-                       read_image, to_unit, write_figure, write_image)
+from speckle_models.inference.image_io import (IMAGE_SUFFIXES, OUTPUT_FORMATS, quantize, to_unit,
+                                               write_figure)
+from speckle_models.inference.engine import PRECISIONS, Engine, choose_path
+from speckle_models.inference.pipeline import PipelineStats, run_pipeline
+from speckle_models.inference.streams import FrameSource, open_frames, open_writer
 
 METRICS_WINDOW = 32
+CPU_BATCH = 2
 
 __all__ = ["load_denoiser", "denoise_images", "denoise_frames", "receptive_radius",
            "size_multiple", "aligned_halo", "reaches", "default_overlap", "tile_spans", "main", "MIN_SIDE"]
@@ -238,16 +249,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-window", type=int, default=METRICS_WINDOW,
                    help=f"side of the homogeneous SNR/ENL window (default {METRICS_WINDOW})")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
-                   help=f"same-size images or tiles per forward pass (default {DEFAULT_BATCH})")
+    p.add_argument("--batch-size", type=int,
+                   help=f"same-size frames or tiles per forward pass (default {CPU_BATCH} on a CPU, "
+                        f"{DEFAULT_BATCH} on a GPU)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"tile images with more pixels than this (default {DEFAULT_MAX_PIXELS})")
     p.add_argument("--tile", type=int, default=DEFAULT_TILE, help=f"tile side (default {DEFAULT_TILE})")
     p.add_argument("--overlap", type=int,
                    help="pixels shared by neighbouring tiles (default: what makes tiled output equal "
                         "untiled: 96 for the U-Nets, 44 for Di-Conv-AE)")
-    p.add_argument("--fold", action="store_true", help="fold the norms into the convolutions first")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="fp32, bf16 (autocast) or int8 (PT2E, CPU, calibrated on the first batch); "
+                        "default: bf16 where the hardware has native bf16, else fp32")
+    p.add_argument("--bf16", action="store_true", help="same as --precision bf16")
+    p.add_argument("--no-fold", action="store_true", help="keep the norms (default: folded into the convolutions)")
+    p.add_argument("--fold", action="store_true", help=argparse.SUPPRESS)  # the default now; old scripts
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the network: auto compiles when the frame count pays for it")
+    p.add_argument("--no-pipeline", action="store_true",
+                   help="decode, run and encode one after another (no stage threads)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -258,12 +278,58 @@ def _check_args(args) -> None:
     if args.roi_a is not None and not args.metrics:
         raise ValueError("--roi-a/--roi-b need --metrics")
     for name in ("batch_size", "max_pixels", "tile"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.metrics_window < 2:
         raise ValueError("--metrics-window must be >= 2")
-    if args.bf16 and args.device == "cpu":
-        raise ValueError("--bf16 is for CUDA; the CPU runs fp32")
+    if args.bf16 and args.precision not in (None, "bf16"):
+        raise ValueError(f"--bf16 contradicts --precision {args.precision}")
+    if args.fold and args.no_fold:
+        raise ValueError("--fold and --no-fold contradict each other")
+
+
+def default_batch(device: torch.device) -> int:
+    """Frames a forward pass: CPU_BATCH on a CPU (benchmarks/results: more frames a batch
+    did not raise 2-core frames/s at 480x640), DEFAULT_BATCH on a GPU (fills its SMs)."""
+    return CPU_BATCH if device.type == "cpu" else DEFAULT_BATCH
+
+
+def _denoise_file(args, engine: Engine, source: FrameSource, stem: Path, rows: list, bar,
+                  batch_size: int, overlap: int | None) -> PipelineStats:
+    """One file through the pipeline into its writer (committed when whole, else aborted)."""
+    mv = source.max_value
+    writer = open_writer(stem, source.count, args.format, overwrite=args.overwrite)
+    output_paths = getattr(writer, "paths", [getattr(writer, "path", stem)])
+
+    def sink(k: int, after: np.ndarray, before: np.ndarray) -> None:
+        writer.write(after)
+        before_v = before.astype(np.float32) / np.float32(mv) if before.dtype.kind in "ui" else before
+        if args.figure:
+            name = stem.name if source.count == 1 else f"{stem.name}.f{k:04d}"
+            write_figure(stem.with_name(name + ".figure.png"), quantize(before_v, mv), after, mv,
+                         overwrite=args.overwrite)
+        if args.metrics:
+            row = {"file": str(source.path), "frame": k, "output": str(output_paths[min(k, len(output_paths) - 1)]),
+                   "height": before.shape[0], "width": before.shape[1]}
+            try:
+                row.update(frame_metrics(before_v, after.astype(np.float32) / mv, window=args.metrics_window,
+                                         roi_a=args.roi_a, roi_b=args.roi_b))
+            except ValueError as e:
+                raise ValueError(f"{source.path}: {e}") from e
+            rows.append(row)
+        bar.update(1)
+
+    try:
+        stats = run_pipeline(source, engine, sink, max_value=mv, batch_size=batch_size,
+                             max_pixels=args.max_pixels, tile=args.tile, overlap=overlap,
+                             threaded=not args.no_pipeline,
+                             label=(lambda k: str(source.path)) if source.count == 1
+                             else (lambda k: f"{source.path} (frame {k})"))
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return stats
 
 
 def run(args) -> dict:
@@ -277,74 +343,39 @@ def run(args) -> dict:
         if clash:
             raise FileExistsError(f"{clash[0]} exists ({len(clash)} output file(s) in the way); "
                                   "pass --overwrite to replace them")
-    model, info = _load(args.checkpoint, args.device, fold=args.fold)
+    sources = [open_frames(src) for src, _ in pairs]  # headers only: bad inputs fail before any work
+    model, info = _load(args.checkpoint, args.device)
     overlap = args.overlap
     if overlap is not None:
         check_tiling(args.tile, overlap, args.max_pixels, size_multiple(model))
-    amp = args.bf16 and next(model.parameters()).is_cuda
-    if args.bf16 and not amp:
-        raise ValueError("--bf16 needs a CUDA device")
+    path = choose_path(info["device"], precision="bf16" if args.bf16 else args.precision,
+                       fold=not args.no_fold, compile={"auto": None, "on": True, "off": False}[args.compile])
+    total = sum(s.count for s in sources)
+    engine = Engine(model, path, frames=total)
+    batch_size = args.batch_size or default_batch(engine.device)
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(pairs), unit="file", desc="speckle-denoise", leave=False,
+    bar = tqdm(total=total, unit="frame", desc="speckle-denoise", leave=False,
                dynamic_ncols=True, file=sys.stderr, disable=args.no_progress)
     rows: list[dict] = []
-    counts = {"files": 0, "frames": 0}
+    totals = PipelineStats(threaded=not args.no_pipeline)
     t0 = time.perf_counter()
-
-    def flush(pending: list[tuple[ImageFrames, Path]]) -> None:
-        frames = [f for im, _ in pending for f in im.frames]
-        names = [f"{im.path} (frame {k})" if len(im.frames) > 1 else str(im.path)
-                 for im, _ in pending for k in range(len(im.frames))]
-        nonlocal overlap
-        if overlap is None and any(f.size > args.max_pixels for f in frames):
-            overlap = default_overlap(model)
-        outs = iter(denoise_frames(model, frames, batch_size=args.batch_size, max_pixels=args.max_pixels,
-                                   tile=args.tile, overlap=overlap, amp=amp, names=names))
-        for im, stem in pending:
-            written = [quantize(next(outs), im.max_value) for _ in im.frames]
-            paths = frame_paths(stem, len(written), args.format)
-            if len(paths) == 1:
-                write_image(paths[0], written, args.format, overwrite=args.overwrite)
-            else:
-                for path, frame in zip(paths, written):
-                    write_image(path, [frame], args.format, overwrite=args.overwrite)
-            for k, (before, after) in enumerate(zip(im.frames, written)):
-                if args.figure:
-                    name = stem.name if len(written) == 1 else f"{stem.name}.f{k:04d}"
-                    write_figure(stem.with_name(name + ".figure.png"), quantize(before, im.max_value),
-                                 after, im.max_value, overwrite=args.overwrite)
-                if args.metrics:
-                    row = {"file": str(im.path), "frame": k, "output": str(paths[min(k, len(paths) - 1)]),
-                           "height": before.shape[0], "width": before.shape[1]}
-                    try:
-                        row.update(frame_metrics(before, after.astype(np.float32) / im.max_value,
-                                                 window=args.metrics_window, roi_a=args.roi_a,
-                                                 roi_b=args.roi_b))
-                    except ValueError as e:
-                        raise ValueError(f"{im.path}: {e}") from e
-                    rows.append(row)
-            counts["files"] += 1
-            counts["frames"] += len(written)
-            bar.update(1)
-
-    pending, queued = [], 0
     try:
-        for src, stem in pairs:
-            image = read_image(src)
-            pending.append((image, stem))
-            queued += len(image.frames)
-            if queued >= args.batch_size:
-                flush(pending)
-                pending, queued = [], 0
-        if pending:
-            flush(pending)
+        for (src, stem), source in zip(pairs, sources):
+            stats = _denoise_file(args, engine, source, stem, rows, bar, batch_size, overlap)
+            for key in ("frames", "batches", "decode_s", "network_s", "encode_s"):
+                setattr(totals, key, getattr(totals, key) + getattr(stats, key))
     finally:
         bar.close()
-    seconds = time.perf_counter() - t0
-    summary = {**info, "out": str(out), **counts, "seconds": seconds,
-               "frames_per_s": counts["frames"] / max(seconds, 1e-9)}
+    totals.seconds = time.perf_counter() - t0
+    timing = totals.as_dict()
+    summary = {**info, "folded": engine.path.fold, "out": str(out), "files": len(pairs),
+               "frames": totals.frames, "seconds": totals.seconds, "frames_per_s": timing["frames_per_s"],
+               "path": engine.path.as_dict(), "agreement_with_eager_fp32": engine.agreement,
+               "setup_s": engine.setup_seconds, "batch_size": batch_size,
+               "pipeline": {k: timing[k] for k in ("threaded", "batches", "decode_share",
+                                                   "network_share", "encode_share")}}
     if args.metrics:
         meta = {k: summary[k] for k in ("checkpoint", "model", "epoch", "noise_factor")}
         meta.update(window_size=args.metrics_window, roi_a=args.roi_a, roi_b=args.roi_b,

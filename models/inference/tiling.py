@@ -161,6 +161,19 @@ def check_tiling(tile: int, overlap: int, max_pixels: int, multiple: int) -> Non
                          f"{max_pixels}: lower the tile or raise max_pixels")
 
 
+def frame_windows(h: int, w: int, *, max_pixels: int, tile: int, overlap: int | None,
+                  multiple: int) -> list[tuple[tuple[int, int, int, int], tuple[int, int, int, int]]]:
+    """(rows, cols) spans (start, stop, keep_start, keep_stop) of the windows an (h, w) frame
+    runs in: the whole frame when h * w <= max_pixels, else tile x tile windows (overlap
+    must then be given: default_overlap(model))."""
+    if h * w <= max_pixels:
+        return [((0, h, 0, h), (0, w, 0, w))]
+    if overlap is None:
+        raise ValueError("a frame over max_pixels is tiled: pass the overlap (default_overlap(model))")
+    check_tiling(tile, overlap, max_pixels, multiple)
+    return [(rows, cols) for rows in tile_spans(h, tile, overlap) for cols in tile_spans(w, tile, overlap)]
+
+
 def _place_of(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     """The device and floating dtype of the model's weights (inputs are sent as those)."""
     p = next(_bare(model).parameters(), None)
@@ -189,15 +202,10 @@ def denoise_frames(model: nn.Module, frames: list[np.ndarray], *, batch_size: in
         if min(h, w) < MIN_SIDE:
             raise ValueError(f"{names[i]} is {h}x{w}; the networks need at least "
                              f"{MIN_SIDE}x{MIN_SIDE} pixels")
-        if h * w <= max_pixels:
-            pieces.setdefault((h, w), []).append((i, (0, h, 0, h), (0, w, 0, w)))
-            continue
-        if overlap is None:
+        if h * w > max_pixels and overlap is None:
             overlap = default_overlap(model)
-        check_tiling(tile, overlap, max_pixels, m)
-        for rows in tile_spans(h, tile, overlap):
-            for cols in tile_spans(w, tile, overlap):
-                pieces.setdefault((rows[1] - rows[0], cols[1] - cols[0]), []).append((i, rows, cols))
+        for rows, cols in frame_windows(h, w, max_pixels=max_pixels, tile=tile, overlap=overlap, multiple=m):
+            pieces.setdefault((rows[1] - rows[0], cols[1] - cols[0]), []).append((i, rows, cols))
 
     device, dtype = _place_of(model)
     wide = dtype == torch.float64  # a float64 model keeps its precision (tests use it)
