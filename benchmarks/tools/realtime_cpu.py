@@ -74,12 +74,12 @@ def measure_paths(model, frames: np.ndarray, paths: list[str], batch: int, reps:
                         "s_per_frame_batch": per_frame(bare, xb, reps), "agreement": 1.0}}
     options = {"folded": dict(channels_last=False), "folded+channels_last": {},
                "bf16": dict(precision="bf16"), "compiled": dict(compile=True),
-               "int8": dict(precision="int8"), "unfolded+channels_last": dict(fold=False)}
+               "int8": dict(precision="int8", compile=True), "unfolded+channels_last": dict(fold=False)}
     for name in paths:
         kw = dict(precision="fp32", compile=False)
         kw.update(options[name])
-        engine = Engine(model, choose_path("cpu", **kw), check=False)
         try:
+            engine = Engine(model, choose_path("cpu", **kw), check=False)
             t0 = time.perf_counter()
             engine.first_batch(x1)
             engine(x1)
