@@ -195,14 +195,16 @@ def main(argv=None) -> int:
               "torch": torch.__version__, "threads": torch.get_num_threads(),
               "load_avg": os.getloadavg()[0], "command": "python -m benchmarks.tools.realtime_cpu " +
               " ".join(sys.argv[1:] if argv is None else argv), "widths": []}
+    from speckle_models.atomic_write import atomic_write_text
+
+    args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for i, width in enumerate(args.widths):
             ckpt = args.checkpoints[i] if args.checkpoints else None
             report["widths"].append(run_width(width, ckpt, args, Path(tmp)))
-    args.out.mkdir(parents=True, exist_ok=True)
-    from speckle_models.atomic_write import atomic_write_text
-    atomic_write_text(args.out / "realtime.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(args.out / "realtime.md", markdown(report))
+            # written after each width: a long run that is stopped keeps what it measured
+            atomic_write_text(args.out / "realtime.json", json.dumps(report, indent=2) + "\n")
+            atomic_write_text(args.out / "realtime.md", markdown(report))
     print(markdown(report))
     return 0
 

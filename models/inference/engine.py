@@ -11,13 +11,13 @@ The path (InferencePath, printed in speckle-denoise's summary):
 - precision: "bf16" (autocast) where the hardware has native bf16: CUDA with bf16 support, or a
   CPU with AVX512-BF16 / AMX-BF16 (torch.cpu's capability probe, which reads CPUID, and
   oneDNN's own bf16 check must both say so). Elsewhere bf16 is emulated and slower than fp32
-  (measured 2.5x slower on an AVX2 EPYC), so the default there is "fp32". "int8": PT2E
+  (measured 2-4x slower on this AVX2 EPYC), so the default there is "fp32". "int8": PT2E
   quantization with the x86 Inductor quantizer (torchao), calibrated on the first batch of the
   user's own frames, lowered by Inductor; CPU only, only when asked (--precision int8).
 - compile: torch.compile (Inductor, weights frozen) of the folded network when the run has
   enough frames to pay for the compilation: it pays after compile_s / (t_eager - t_compiled)
   frames. `compile_pays` estimates that from the first batch's eager time and the constants
-  below (measured by benchmarks/tools/compile_break_even.py; the run without a known frame
+  below (measured by benchmarks/tools/realtime_cpu.py; the run without a known frame
   count, a stream, is not compiled). int8 is always compiled (it has no fast eager kernels).
 - cuda_graph (CUDA): the forward is captured once per input shape into a CUDA graph, with
   static input and output buffers (no launch overhead, no allocation per batch).
@@ -39,13 +39,15 @@ from torch import nn
 
 PRECISIONS = ("fp32", "bf16", "int8")
 AGREEMENT_BAR = 0.99          # fraction of 8-bit pixels within one grey level of eager fp32
-# Compilation cost and gain on the CPU, from benchmarks/tools/compile_break_even.py (Br-U-Net
-# width 8 and 32 at 480x640 on the 2-core AMD EPYC, 2026-12-03; see its committed JSON): a
-# cold Inductor compile with freezing took COMPILE_SECONDS (the on-disk FX cache makes a
-# second run's far cheaper, which this estimate ignores: it errs towards not compiling), and
-# the compiled forward ran COMPILED_SPEEDUP times faster than the folded channels_last one.
-COMPILE_SECONDS = {"cpu": 60.0, "cuda": 60.0}
-COMPILED_SPEEDUP = {"cpu": 1.5, "cuda": 1.2}
+# Compilation cost and gain, from benchmarks/tools/realtime_cpu.py (Br-U-Net width 8 at 480x640
+# on the 2-core AMD EPYC (AVX2), 2026-12-03, a machine shared with other jobs: load ~10 on 2
+# cores; benchmarks/results/cpu-2026-12-03/realtime.md): a cold Inductor compile with frozen
+# weights took 62-166 s for one shape, and the compiled forward ran 2.2-3.9x faster than the
+# folded channels_last eager one. COMPILE_SECONDS errs high and COMPILED_SPEEDUP low, so the
+# estimate errs towards not compiling (the on-disk FX cache makes a second run's compile far
+# cheaper, which it also ignores). The GPU's are guesses until a GPU run measures them.
+COMPILE_SECONDS = {"cpu": 90.0, "cuda": 60.0}
+COMPILED_SPEEDUP = {"cpu": 2.0, "cuda": 1.2}
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,6 @@ class Engine:
         self.setup_seconds = 0.0
         self._net = self._prepare(path)
         self._compiled: dict[tuple, object] = {}   # shape -> compiled / int8 / graph runner
-        self._graphs: dict[tuple, tuple] = {}
         self._overlap: int | None = None
 
     def _prepare(self, path: InferencePath) -> nn.Module:
@@ -235,7 +236,7 @@ class Engine:
                              f"grey level of eager fp32 on the first batch (< {AGREEMENT_BAR:.0%}): fell back to fp32")
                 self.path = replace(self.path, precision="fp32", compile=False, cuda_graph=False,
                                     notes=tuple(notes))
-                self._net, self._compiled, self._graphs = self._prepare(self.path), {}, {}
+                self._net, self._compiled = self._prepare(self.path), {}
                 self.agreement = agreement(self(x), self.reference(x))
         self.setup_seconds += time.perf_counter() - t0
 
