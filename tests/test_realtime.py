@@ -137,12 +137,14 @@ def test_eager_paths_agree_with_eager_fp32(phantom, kw):
     model = random_model("br-unet")
     x = ((torch.from_numpy(np.stack(phantom)).float() / 255 - 0.5) / 0.5)[:, None]
     engine = E.Engine(model, E.choose_path("cpu", compile=False, **kw), check=True)
-    engine.first_batch(x)
+    first = engine.first_batch(x)
     assert engine.path.precision == kw["precision"]  # no fall-back needed
-    assert engine.agreement >= E.AGREEMENT_BAR
-    assert E.agreement(engine(x), model(x).detach()) == engine.agreement
-    if kw["precision"] == "fp32":  # fp32 paths differ by rounding only
-        assert (engine(x) - model(x).detach()).abs().max() < 1e-4
+    reference = model(x).detach()
+    assert torch.equal(first, engine(x)) and E.agreement(first, reference) >= E.AGREEMENT_BAR
+    if kw["precision"] == "fp32":  # fp32 paths differ by rounding only: not checked at run time
+        assert engine.agreement is None and (first - reference).abs().max() < 1e-4
+    else:  # checked on the first frame at run time
+        assert engine.agreement == E.agreement(first[:1], reference[:1]) >= E.AGREEMENT_BAR
 
 
 def test_a_path_below_the_bar_falls_back_to_fp32(phantom, monkeypatch):
@@ -162,9 +164,10 @@ def test_compiled_paths_agree_with_eager_fp32(phantom, precision):
     model = random_model("br-unet")
     x = ((torch.from_numpy(np.stack(phantom[:2])[:, :32, :48]).float() / 255 - 0.5) / 0.5)[:, None]
     engine = E.Engine(model, E.choose_path("cpu", precision=precision, compile=True))
-    engine.first_batch(x)
+    first = engine.first_batch(x)
     assert engine.path.precision == precision and engine.path.compile
-    assert engine.agreement >= E.AGREEMENT_BAR
+    assert E.agreement(first, model(x).detach()) >= E.AGREEMENT_BAR
+    assert torch.equal(engine(x), first)  # the compiled graph is reused, deterministic
 
 
 # ----------------------------------------------------------------------------- streams and the CLI
@@ -213,7 +216,8 @@ def test_cli_cine_runs_the_fast_path_and_reports_it(tmp_path, capsys, phantom):
         assert rc == 0 and summary["frames"] == 5
         with Image.open(out / "cine.tif") as im:
             outs[i] = [np.asarray(im.seek(k) or im).copy() for k in range(im.n_frames)]
-        assert summary["agreement_with_eager_fp32"] >= E.AGREEMENT_BAR
+        checked = summary["agreement_with_eager_fp32"]  # fp32: by rounding only, not checked
+        assert checked is None if summary["path"]["precision"] == "fp32" else checked >= E.AGREEMENT_BAR
         assert set(summary["pipeline"]) >= {"decode_share", "network_share", "encode_share"}
         assert summary["path"]["fold"] == ("--no-fold" not in extra)
     assert all((a == b).all() for a, b in zip(outs[0], outs[1]))  # pipeline == loop, bit for bit

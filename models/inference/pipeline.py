@@ -7,7 +7,7 @@
   Iterating it (reading, decoding) runs on the decode thread.
 - engine: a callable on normalized (B, 1, H, W) float32 batches, (v - 0.5) / 0.5 as in training,
   returning (B, 1, H, W) (engine.Engine, or a bare nn.Module). If it has `first_batch(x)`, that
-  is called once before the first batch (the engine settles compile and checks its path there).
+  runs the first batch instead (the engine settles compile and checks its path there).
   `window_plan(h, w)` on it, if present, says how a frame is cut into tiles (the default: whole
   frames, tiling.frame_windows with the engine's own overlap).
 - sink(index, output, source): called on the encode thread, in frame order: output is the
@@ -149,11 +149,12 @@ class _Network:
             else:
                 xs[k, 0] = p
         x.sub_(0.5).div_(0.5)
-        if not self.started:
-            self.engine.first_batch(x)
-            self.started = True
         with torch.no_grad():
-            y = self.engine(x)
+            if self.started:
+                y = self.engine(x)
+            else:
+                y = self.engine.first_batch(x)
+                self.started = True
         return (y[:n, 0].to("cpu", torch.float32).clamp_(-1, 1) * 0.5 + 0.5)
 
     def quantize(self, v: torch.Tensor, out: torch.Tensor) -> None:
