@@ -124,7 +124,7 @@ def infer_impl(impl: str, model: torch.nn.Module, x: torch.Tensor):
                 return model(batch)
         return forward
     options = {"folded": dict(channels_last=False), "folded_cl": {}, "bf16": dict(precision="bf16"),
-               "compiled": dict(compile=True), "int8": dict(precision="int8")}
+               "compiled": dict(compile=True), "int8": dict(precision="int8", compile=True)}
     if impl not in options:
         raise ValueError(f"unknown implementation {impl!r}")
     kw = dict(precision="fp32", compile=False, cuda_graph=False)
