@@ -40,15 +40,16 @@ from torch import nn
 
 PRECISIONS = ("fp32", "bf16", "int8")
 AGREEMENT_BAR = 0.99          # fraction of 8-bit pixels within one grey level of eager fp32
-# Compilation cost and gain, from benchmarks/tools/realtime_cpu.py (Br-U-Net width 8 at 480x640
-# on the 2-core AMD EPYC (AVX2), 2026-12-03, a machine shared with other jobs: load ~10 on 2
-# cores; benchmarks/results/cpu-2026-12-03/realtime.md): a cold Inductor compile with frozen
-# weights took 62-166 s for one shape, and the compiled forward ran 2.2-3.9x faster than the
-# folded channels_last eager one. COMPILE_SECONDS errs high and COMPILED_SPEEDUP low, so the
-# estimate errs towards not compiling (the on-disk FX cache makes a second run's compile far
-# cheaper, which it also ignores). The GPU's are guesses until a GPU run measures them.
+# Compilation cost and gain, from the CPU runs committed under benchmarks/results/cpu-2026-12-03/
+# (2-core AMD EPYC, AVX2, a machine shared with other jobs: load ~20 on 2 cores): a cold Inductor
+# compile with frozen weights of Br-U-Net width 8 took 82 s at 480x640, batch 1, and 41 s more
+# for batch 2 (realtime-run1.json); the compiled forward ran 1.0x the folded channels_last one
+# at 480x640 there and 2.4x at 128x128 (width 16, inference-br-unet.json). COMPILE_SECONDS errs
+# high and COMPILED_SPEEDUP sits between, so the estimate leans towards not compiling (the
+# on-disk FX cache makes a second run's compile far cheaper, which it also ignores). The GPU's
+# are guesses until a GPU run measures them.
 COMPILE_SECONDS = {"cpu": 90.0, "cuda": 60.0}
-COMPILED_SPEEDUP = {"cpu": 2.0, "cuda": 1.2}
+COMPILED_SPEEDUP = {"cpu": 1.5, "cuda": 1.2}
 
 
 @dataclass(frozen=True)

@@ -47,9 +47,10 @@ TEST_NOISE_SEED = 20_240_002
 # "realtime" is medium with the width issue 25's measurements pick for real-time despeckling on
 # a 2-core CPU: Br-U-Net widths 8, 16 and 32 trained on the phantom with the speckle-free target
 # (medium, --target speckle-free --noise-factor 0 --sigma-add 0; 2026-12-03) reached validation
-# PSNR 27.3, 27.7 and (width 32: benchmarks/results/cpu-2026-12-03/widths.md) dB, SSIM 0.683,
-# 0.698, ..., while a width-8 frame costs 3.9 GFLOP at 480x640 against 15.5 and 61.9: width 8
-# is the only one near 30 frames/s on two cores, for ~0.3 dB. Use it with --target speckle-free.
+# PSNR 27.3, 27.7 and 25.3 dB, SSIM 0.683, 0.698 and 0.643 after the same 400 steps
+# (benchmarks/results/cpu-2026-12-03/widths.md), while a width-8 frame costs 3.9 GFLOP at
+# 480x640 against 15.5 and 61.9: width 8 is the only one near 30 frames/s on two cores, for
+# ~0.3 dB against width 16. Use it with --target speckle-free.
 PRESETS = {
     "paper": dict(image_size=128, count=None, test_count=None, epochs=PAPER_EPOCHS,
                   batch_size=PAPER_BATCH_SIZE, width=32, threads=None,
