@@ -147,6 +147,19 @@ def test_eager_paths_agree_with_eager_fp32(phantom, kw):
         assert engine.agreement == E.agreement(first[:1], reference[:1]) >= E.AGREEMENT_BAR
 
 
+def test_each_batch_runs_the_network_once(phantom):
+    """No hidden forwards: the first batch (with the compile decision) and every later one."""
+    calls = []
+    model = random_model("br-unet")
+    model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    x = ((torch.from_numpy(np.stack(phantom[:2])).float() / 255 - 0.5) / 0.5)[:, None]
+    engine = E.Engine(model, E.choose_path("cpu"), frames=4)  # fold_norms copies the hook
+    engine.first_batch(x)
+    engine(x)
+    engine(x[:1])  # a new shape
+    assert calls == [2, 2, 1]
+
+
 def test_a_path_below_the_bar_falls_back_to_fp32(phantom, monkeypatch):
     monkeypatch.setattr(E, "AGREEMENT_BAR", 1.01)  # nothing passes: bf16 must fall back
     model = random_model("br-unet")

@@ -248,11 +248,13 @@ class Engine:
             self.setup_seconds += time.perf_counter() - t1
         return y
 
-    def _runner(self, x: torch.Tensor):
+    def _runner(self, x: torch.Tensor) -> tuple[object, torch.Tensor | None]:
+        """(the forward for x's shape, x's output when making that forward ran it): a new
+        shape compiles, quantizes or captures on x, and that call's output is x's."""
         key = (tuple(x.shape), x.dtype)
         run = self._compiled.get(key)
         if run is not None:
-            return run
+            return run, None
         if self.path.precision == "int8":
             with torch.no_grad():
                 quantized = _quantize_int8(self._net, self._layout(x))
@@ -266,11 +268,12 @@ class Engine:
         elif self.path.cuda_graph:
             run = self._capture(x)
         else:
-            run = self.eager_forward
+            self._compiled[key] = self.eager_forward
+            return self.eager_forward, None
         with _freezing():
-            run(x)  # compile / capture now, with frozen weights
+            y = run(x)  # compiles / captures now, with frozen weights
         self._compiled[key] = run
-        return run
+        return run, y.clone() if self.path.cuda_graph else y
 
     def _call_compiled(self, compiled, x: torch.Tensor, *, autocast: bool) -> torch.Tensor:
         with torch.no_grad(), (self._autocast() if autocast else torch.autocast("cpu", enabled=False)):
@@ -309,4 +312,5 @@ class Engine:
                              multiple=size_multiple(self.source))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self._runner(x)(x)
+        run, y = self._runner(x)
+        return run(x) if y is None else y
