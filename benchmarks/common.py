@@ -182,3 +182,27 @@ def assert_close(actual, expected, *, atol, rtol, name):
             f"{name}: {int(bad.sum())} of {bad.numel()} differ (atol={atol:.3g}, rtol={rtol:.3g}, "
             f"max abs diff {diff.max().item():.3g}; at {first}: got {actual[first].item():.8g}, "
             f"expected {expected[first].item():.8g})")
+
+
+def matmul_peak(device: torch.device, reps: int = 5) -> dict:
+    """This device's measured matmul rates (FLOP/s, median of `reps`): torch.matmul of square
+    fp32 and bf16 operands, and int8 x int8 -> int32 (torch._int_mm) where it runs. The sizes
+    run at the device's compute limit (8192 on a GPU; 512 on a CPU, whose 1 MB operands stay in
+    its caches, and where an emulated bf16 or int8 matmul of 1024 took ~15 s a call)."""
+    n = 8192 if device.type == "cuda" else 512
+    rates = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("int8", torch.int8)):
+        if dtype == torch.int8:
+            a = torch.randint(-8, 8, (n, n), dtype=dtype, device=device)
+            b = torch.randint(-8, 8, (n, n), dtype=dtype, device=device)
+            call = lambda: torch._int_mm(a, b)  # noqa: E731
+        else:
+            a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+            call = lambda: torch.matmul(a, b)  # noqa: E731
+        try:
+            median = statistics.median(time_calls(call, device, reps, warmup=1))
+        except (RuntimeError, NotImplementedError):
+            rates[name] = None
+            continue
+        rates[name] = 2 * n ** 3 / median
+    return rates

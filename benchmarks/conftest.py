@@ -15,7 +15,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from .common import bench_device, bench_size, copy_bandwidth, device_name, rounds_for, synchronize
+from .common import bench_device, bench_size, copy_bandwidth, device_name, matmul_peak, rounds_for, synchronize
 
 
 def pytest_addoption(parser):
@@ -56,6 +56,13 @@ SIZE = bench_size(DEVICE)
 def copy_speed():
     """dst.copy_(src) far beyond the caches, measured once in this session: the ceiling."""
     return copy_bandwidth(DEVICE)
+
+
+@pytest.fixture(scope="session")
+def matmul_rates():
+    """torch.matmul's FLOP/s here (fp32, bf16, int8), measured once in this session: the peaks
+    the inference rows are a fraction of."""
+    return matmul_peak(DEVICE)
 
 
 @pytest.fixture

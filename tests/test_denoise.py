@@ -382,30 +382,34 @@ def test_dicom_undecodable_or_without_pydicom(tmp_path, ckpt, capsys, monkeypatc
 # ----------------------------------------------------------------------------- metrics and figures
 
 def test_metrics_and_figures(tmp_path, ckpt, capsys):
-    """The CLI's metrics rows: the window, SNR/ENL, edge preservation and local-mean change
-    inside the tissue (tests/test_tissue_metrics.py checks the figures themselves)."""
+    """The CLI's metrics rows: the real-scan judge's windows, ENL/SNR and the ROI contrast inside
+    the tissue (tests/test_real_scan.py and test_tissue_metrics.py check the judge itself)."""
     rng = np.random.default_rng(9)
     a = (rng.rayleigh(0.2, (48, 64)) * 255).clip(1, 250).astype(np.uint8)
     a[:, 32:] //= 3  # a darker half for the CNR regions
     src = write_png(tmp_path / "a.png", a)
     out = tmp_path / "out"
-    rc, _ = cli([ckpt, src, "--out", out, "--metrics", "--figure", "--metrics-window", "16",
+    rc, _ = cli([ckpt, src, "--out", out, "--metrics", "--figure", "--metrics-window", "12",
                  "--roi-a", "4,4,20,20", "--roi-b", "4,40,20,20", "--whole-frame"], capsys)
     assert rc == 0
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["model"] == "d-unet" and doc["roi_a"] == [4, 4, 20, 20] and len(doc["checkpoint_sha256"]) == 64
     (row,) = doc["images"]
-    t, l, h, w = row["window"]
-    assert h == w == 16 and row["tissue_pixels"] == 48 * 64
+    assert row["tissue_pixels"] == 48 * 64 and row["windows"] >= 1
     before = torch.from_numpy(a.astype(np.float64) / 255)[None]
     after = torch.from_numpy(np.asarray(Image.open(out / "a.png")).astype(np.float64) / 255)[None]
-    # the tool computes from float32 v = u8 / 255, these from float64: 1e-6 relative
-    assert row["snr_before"] == pytest.approx(speckle_snr(before, (t, l, h, w)).item(), rel=1e-6)
-    assert row["enl_after"] == pytest.approx(enl(after, (t, l, h, w)).item(), rel=1e-6)
+    # the judge's ENL is the mean over its windows of mu^2 / sigma^2 (SNR: of mu / sigma); the
+    # tool computes from float32 v = u8 / 255, these from float64: 1e-6 relative
+    boxes = [tuple(b) for b in row["window_boxes"]]
+    assert all(h == w == 12 for _, _, h, w in boxes)
+    snr_before = np.mean([speckle_snr(before, b).item() for b in boxes])
+    enl_after = np.mean([enl(after, b).item() for b in boxes])
+    assert row["snr_before"] == pytest.approx(snr_before, rel=1e-6)
+    assert row["enl_after"] == pytest.approx(enl_after, rel=1e-6)
     assert row["cnr_before"] > 0 and 0 <= row["gcnr_after"] <= 1 and row["gcnr_bins"] == 19  # Rice: 800 px
-    assert row["edge_preservation"] > 0 and row["local_mean_change"] >= 0
+    assert row["edge_ratio"] > 0 and row["mean_abs_delta"] >= 0
     lines = (out / "metrics.csv").read_text().splitlines()
-    assert len(lines) == 2 and lines[0].startswith("file,frame,output,tissue_pixels,window_top")
+    assert len(lines) == 2 and lines[0].startswith("file,frame,output,tissue_pixels,windows,enl_before")
     with Image.open(out / "a.figure.png") as fig:
         assert fig.size == (2 * 64 + 4, 48)
     # metrics files are outputs too: refused without --overwrite

@@ -189,7 +189,10 @@ def test_a_cine_streams_in_memory_bounded_by_the_batch(tmp_path, ckpt, capsys, m
     peak_long, summary = _peak_bytes(ckpt, capsys, long, tmp_path / "o2")
     assert summary["frames"] == 160 and summary["frames_per_s"] > 0
     assert peak_long < 1.5 * peak_short, (peak_long, peak_short)
-    assert peak_long < decoded / 2, (peak_long, decoded)
+    # the peak stays within what frame_io.check_resources budgets for the frames in flight (a
+    # batch of 2 and 2 in each of the decode and write queues), well below the decoded cine
+    budget = (2 + 2 * 2) * (2 * frame.nbytes + frame.size * frame_io.BYTES_PER_PIXEL_IN_FLIGHT)
+    assert peak_long < budget < 0.7 * decoded, (peak_long, budget, decoded)
     written = pydicom.dcmread(tmp_path / "o2" / "long.dcm").pixel_array
     assert written.shape == long_frames.shape
     outside = np.ones((192, 192), bool)

@@ -8,7 +8,8 @@ tissue detection), and the figure reads it back. The classical filters
 (speckle_models.reproduction.speckle_filters, their default parameters: Lee 7x7, Frost 5x5 with
 damping 2, SRAD 30 steps of dt 0.25) run through the same tissue path (tissue.TissueDenoiser:
 the tissue padded by reflection, colour and white pixels kept), on the displayed, log-compressed
-gray level, as display-domain despeckling does. Metrics: tissue_metrics, inside the tissue.
+gray level, as display-domain despeckling does. Metrics: the real-scan judge
+(metrics/real_scan.judge), inside the tissue.
 Runs on a CPU in about a minute.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ from speckle_models.inference import denoise as D  # noqa: E402
 from speckle_models.inference import frame_io, regions  # noqa: E402
 from speckle_models.inference.image_io import gray_level  # noqa: E402
 from speckle_models.inference.tissue import TissueDenoiser  # noqa: E402
-from speckle_models.metrics.tissue_metrics import tissue_metrics  # noqa: E402
+from speckle_models.metrics.real_scan import judge  # noqa: E402
 from speckle_models.reproduction import speckle_filters as SF  # noqa: E402
 
 
@@ -50,6 +51,10 @@ class FilterNet(nn.Module):
 
 FILTERS = {"Lee 7x7": lambda v: SF.lee_filter(v, 7), "Frost 5x5, K=2": lambda v: SF.frost_filter(v, 5),
            "SRAD 30 steps": lambda v: SF.srad(v, 30)}
+
+
+def _num(x, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def main() -> None:
@@ -81,9 +86,9 @@ def main() -> None:
     tissue = np.zeros(before.shape, bool)
     for box, mask in zip(plan.boxes, plan.masks):
         tissue[box.slices] |= mask & ~kept[box.slices]
-    rows = {"input": tissue_metrics(before, before, tissue)}
+    rows = {"input": judge(before, before, tissue=tissue)}
     for name, pixels in results.items():
-        rows[name] = tissue_metrics(before, gray_level(pixels, m), tissue)
+        rows[name] = judge(before, gray_level(pixels, m), tissue=tissue)
     box = plan.boxes[0]
     panels = {"input": frame, **results}
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.6 * len(panels)))
@@ -91,7 +96,7 @@ def main() -> None:
         ax.imshow(pixels[box.slices], cmap="gray", vmin=0, vmax=m, interpolation="nearest")
         r = rows[name]
         ax.set_title(f"{name}:  ENL {r['enl_after']:.1f}  speckle SNR {r['snr_after']:.2f}  edge kept "
-                     f"{r['edge_preservation']:.2f}  |local mean change| {r['local_mean_change']:.3f}",
+                     f"{_num(r['edge_ratio'])}  |local mean change| {r['mean_abs_delta']:.1f}/255",
                      fontsize=9)
         ax.axis("off")
     fig.suptitle(f"pydicom example '{args.example}' (tissue T,L,H,W={box}, auto-detected), one frame",
@@ -120,10 +125,11 @@ def main() -> None:
         "checkpoint_sha256"], "tissue": plan.describe(), "metrics": rows,
         "command": f"python -m benchmarks.tools.make_despeckle_figure CHECKPOINT --example {args.example}"}
     atomic_write_text(stem.with_suffix(".json"), json.dumps(info, indent=2) + "\n")
-    lines = ["| method | ENL | speckle SNR | edge kept | mean abs change of the local mean |", "|---|---|---|---|---|"]
+    lines = ["| method | ENL | speckle SNR | edge kept | local mean moved (/255) | black (/255) | checkerboard |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['enl_after']:.1f} | {r['snr_after']:.2f} | {r['edge_preservation']:.2f} | "
-                     f"{r['local_mean_change']:.3f} |")
+        lines.append(f"| {name} | {r['enl_after']:.1f} | {r['snr_after']:.2f} | {_num(r['edge_ratio'])} | "
+                     f"{r['mean_abs_delta']:.1f} | {_num(r['black_after'], 1)} | {_num(r['checker_after'], 3)} |")
     atomic_write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 

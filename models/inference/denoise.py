@@ -10,10 +10,20 @@ used is printed per file and kept in the summary. --whole-frame runs the network
 frame as before (phantom images, crops that are all tissue).
 
 Files are streamed: frames decoded one batch ahead in a thread, denoised a batch at a time,
-written as they come (frame_io.py: the frame-source / frame-sink interface); a progress bar
-counts frames/s, and the summary gives frames/s end to end (decode + network + encode). Every
-input is opened and checked (header, regions, memory, disk) before any output is written; a
-failure is one line naming the file and the problem, and leaves no file behind.
+written as they come (frame_io.py: the frame-source / frame-sink interface; tissue.stream_file);
+--no-pipeline runs the same batches one stage after another (same bits). A progress bar counts
+frames/s; the summary gives frames/s end to end and each stage's busy seconds and share of the
+wall time (decode, network, encode, per-frame hooks). Every input is opened and checked
+(header, regions, memory, disk) before any output is written; a failure is one line naming the
+file and the problem, and leaves no file behind.
+
+The network runs on the run's fast path (engine.py), chosen once and named in the summary
+("path", with why): norms folded, channels_last, bf16 only where the hardware has native bf16
+(CUDA; a CPU with AVX512-BF16 or AMX), else fp32; torch.compile when the frames that share one
+input shape pay for the compilation; a CUDA graph on CUDA. --precision fp32|bf16|int8, --no-fold
+and --compile auto|on|off override; a bf16 or int8 path is checked against eager fp32 on the
+first frame ("agreement_with_eager_fp32") and falls back to fp32 below 99 % of 8-bit pixels
+within one grey level. Batches: CPU_BATCH frames on a CPU, DEFAULT_BATCH on a GPU.
 
 Python: `load_denoiser(checkpoint, device)` gives the network (eval mode, on the device);
 `denoise_images(model_or_checkpoint, arrays)` denoises whole (H, W) / (H, W, 3|4) uint8,
@@ -24,10 +34,11 @@ network sees (v - 0.5) / 0.5 as in training (speckle_kernels.noise.make_noisy_ba
 output is clamped to [-1, 1], mapped back to v and written at the input's scale and bit depth.
 Sizes: any H, W >= MIN_SIDE (16); larger than max_pixels: tiled (tiling.py, = untiled output).
 
---metrics: inside the tissue only (metrics/tissue_metrics.py): speckle SNR and ENL on the
-input's most homogeneous tissue window (local std, log-compressed data), the edge preservation
-and the change of the local mean beside them, and CNR / gCNR (adaptive bins) between two boxes
-(--roi-a/--roi-b) intersected with the tissue, each before and after the written output.
+--metrics: the real-scan judge inside the tissue only (metrics/real_scan.py): speckle
+suppression (ENL, speckle SNR in the input's most homogeneous tissue windows by local std),
+local mean kept, edges kept, black kept, checkerboard; the targets met; on each file's first
+frame the same figures for Lee, Frost, SRAD and a median (calibration); CNR / gCNR (Rice-rule
+bins) between two boxes (--roi-a/--roi-b) intersected with the tissue, before and after.
 """
 from __future__ import annotations
 
@@ -44,13 +55,15 @@ from torch import nn
 
 from speckle_models import MODEL_NAMES, build_model
 from speckle_models.inference import frame_io, regions
+from speckle_models.inference.engine import PRECISIONS, Engine, choose_path
 from speckle_models.inference.image_io import quantize, to_unit
 from speckle_models.inference.run_files import collect_inputs, existing_outputs, frame_hook, write_metrics
 from speckle_models.inference.tiling import (DEFAULT_BATCH, DEFAULT_MAX_PIXELS, DEFAULT_TILE, MIN_SIDE,
                                              aligned_halo, check_tiling, default_overlap, denoise_frames,
                                              reaches, receptive_radius, size_multiple, tile_spans)
 
-METRICS_WINDOW = 32
+METRICS_WINDOW = 16   # the judge's window side (metrics/real_scan.WINDOW)
+CPU_BATCH = 2         # frames a forward on a CPU: 4 and 8 were no faster at 480x640 on 2 cores
 
 __all__ = ["load_denoiser", "denoise_images", "denoise_frames", "receptive_radius",
            "size_multiple", "aligned_halo", "reaches", "default_overlap", "tile_spans", "main", "MIN_SIDE"]
@@ -159,18 +172,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--roi-a", type=_box, metavar="T,L,H,W", help="first CNR/gCNR region (with --metrics)")
     p.add_argument("--roi-b", type=_box, metavar="T,L,H,W", help="second CNR/gCNR region")
     p.add_argument("--metrics-window", type=int, default=METRICS_WINDOW,
-                   help=f"side of the homogeneous SNR/ENL window (default {METRICS_WINDOW})")
+                   help=f"side of the judge's homogeneous ENL/SNR windows (default {METRICS_WINDOW})")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
-                   help=f"frames per forward pass (default {DEFAULT_BATCH}); memory is bounded by it")
+    p.add_argument("--batch-size", type=int,
+                   help=f"frames per forward pass (default {CPU_BATCH} on a CPU, {DEFAULT_BATCH} on a "
+                        "GPU); memory is bounded by it")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help=f"tile images with more pixels than this (default {DEFAULT_MAX_PIXELS})")
     p.add_argument("--tile", type=int, default=DEFAULT_TILE, help=f"tile side (default {DEFAULT_TILE})")
     p.add_argument("--overlap", type=int,
                    help="pixels shared by neighbouring tiles (default: what makes tiled output equal "
                         "untiled: 96 for the U-Nets, 44 for Di-Conv-AE)")
-    p.add_argument("--fold", action="store_true", help="fold the norms into the convolutions first")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="fp32, bf16 (autocast) or int8 (PT2E, CPU, calibrated on the first batch; the "
+                        "int8 extra); default: bf16 where the hardware has native bf16, else fp32")
+    p.add_argument("--bf16", action="store_true", help="same as --precision bf16")
+    p.add_argument("--no-fold", action="store_true", help="keep the norms (default: folded into the convolutions)")
+    p.add_argument("--fold", action="store_true", help=argparse.SUPPRESS)  # the default now; old scripts
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the network: auto compiles when the frame count pays for it")
+    p.add_argument("--no-pipeline", action="store_true",
+                   help="decode, run and encode one after another (no stage threads; same output)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -181,12 +203,14 @@ def _check_args(args) -> None:
     if args.roi_a is not None and not args.metrics:
         raise ValueError("--roi-a/--roi-b need --metrics")
     for name in ("batch_size", "max_pixels", "tile"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.metrics_window < 2:
         raise ValueError("--metrics-window must be >= 2")
-    if args.bf16 and args.device == "cpu":
-        raise ValueError("--bf16 is for CUDA; the CPU runs fp32")
+    if args.bf16 and args.precision not in (None, "bf16"):
+        raise ValueError(f"--bf16 contradicts --precision {args.precision}")
+    if args.fold and args.no_fold:
+        raise ValueError("--fold and --no-fold contradict each other")
 
 
 def plan_file(source, args) -> regions.TissuePlan:
@@ -223,12 +247,13 @@ def run(args) -> dict:
     _check_args(args)
     out = Path(args.out)
     pairs = collect_inputs(args.inputs, out)
-    model, info = _load(args.checkpoint, args.device, fold=args.fold)
+    model, info = _load(args.checkpoint, args.device)
     if args.overlap is not None:
         check_tiling(args.tile, args.overlap, args.max_pixels, size_multiple(model))
-    amp = args.bf16 and next(model.parameters()).is_cuda
-    if args.bf16 and not amp:
-        raise ValueError("--bf16 needs a CUDA device")
+    path = choose_path(info["device"], precision="bf16" if args.bf16 else args.precision,
+                       fold=not args.no_fold, compile={"auto": None, "on": True, "off": False}[args.compile])
+    engine = Engine(model, path)
+    batch_size = args.batch_size or (CPU_BATCH if engine.device.type == "cpu" else DEFAULT_BATCH)
 
     # every input opened, planned and checked before anything is written
     jobs = []
@@ -240,7 +265,7 @@ def run(args) -> dict:
             raise ValueError(f"{src} is {source.height}x{source.width}; the networks need at least "
                              f"{MIN_SIDE}x{MIN_SIDE} pixels")
         plan = plan_file(source, args)
-        frame_io.check_resources(source, batch=args.batch_size, prefetch=args.batch_size, out_dir=out,
+        frame_io.check_resources(source, batch=batch_size, prefetch=batch_size, out_dir=out,
                                  output_bytes=sum(j[0].count * j[0].frame_bytes for j in jobs)
                                  + source.count * source.frame_bytes)
         jobs.append((source, stem, fmt, plan))
@@ -254,27 +279,31 @@ def run(args) -> dict:
 
     from tqdm.auto import tqdm
 
-    from speckle_models.inference.tissue import TissueDenoiser, stream_file
+    from speckle_models.inference.tissue import StageTimes, TissueDenoiser, frames_per_shape, stream_file
 
     pad = receptive_radius(model)
     overlap = args.overlap
-    if overlap is None and any(s.height * s.width > args.max_pixels for s, *_ in jobs):
-        overlap = default_overlap(model)
+    if overlap is None and any((s.height + 2 * pad) * (s.width + 2 * pad) > args.max_pixels for s, *_ in jobs):
+        overlap = default_overlap(model)  # a piece (a region's crop, padded) may be tiled
+    denoisers = [TissueDenoiser(engine, plan, source.max_value, pad=pad, batch_size=batch_size,
+                                max_pixels=args.max_pixels, tile=args.tile, overlap=overlap)
+                 for source, _, _, plan in jobs]
+    engine.frames = frames_per_shape([(d, s.count, s.height, s.width) for d, (s, *_) in zip(denoisers, jobs)])
+    times = StageTimes(threaded=not args.no_pipeline)
     bar = tqdm(total=sum(s.count for s, *_ in jobs), unit="frame", desc="speckle-denoise", leave=False,
                dynamic_ncols=True, file=sys.stderr, disable=args.no_progress)
     rows: list[dict] = []
     files: list[dict] = []
     t0 = time.perf_counter()
     try:
-        for source, stem, fmt, plan in jobs:
-            denoiser = TissueDenoiser(model, plan, source.max_value, pad=pad, batch_size=args.batch_size,
-                                      max_pixels=args.max_pixels, tile=args.tile, overlap=overlap, amp=amp)
+        for (source, stem, fmt, plan), denoiser in zip(jobs, denoisers):
             sink = frame_io.make_sink(fmt, stem, source, _describe(info, plan), overwrite=args.overwrite)
             paths = frame_io.output_paths(fmt, stem, source.count)
             on_frame = frame_hook(args, source, stem, paths, rows)
             with sink:
-                frames = stream_file(source, source.count, denoiser, sink, batch_size=args.batch_size,
-                                     bar=bar, name=str(source.path), on_frame=on_frame)
+                frames = stream_file(source, source.count, denoiser, sink, batch_size=batch_size, bar=bar,
+                                     name=str(source.path), on_frame=on_frame, pipeline=not args.no_pipeline,
+                                     times=times)
             files.append({"input": str(source.path), "output": [str(p) for p in paths], "format": fmt,
                           "frames": frames, "tissue": plan.describe()})
             bar.write(f"speckle-denoise: {source.path} -> {paths[0]}"
@@ -282,10 +311,14 @@ def run(args) -> dict:
                       f"tissue: {plan.describe()}", file=sys.stderr)
     finally:
         bar.close()
-    seconds = time.perf_counter() - t0
-    frames = sum(f["frames"] for f in files)
-    summary = {**info, "out": str(out), "files": len(files), "frames": frames, "seconds": seconds,
-               "frames_per_s": frames / max(seconds, 1e-9), "outputs": files}
+    times.seconds = time.perf_counter() - t0  # the whole run: sinks opened and committed too
+    timing = times.as_dict()
+    summary = {**info, "folded": engine.path.fold, "out": str(out), "files": len(files), "frames": times.frames,
+               "seconds": times.seconds, "frames_per_s": timing["frames_per_s"], "batch_size": batch_size,
+               "path": engine.path.as_dict(), "agreement_with_eager_fp32": engine.agreement,
+               "setup_s": engine.setup_seconds, "pipeline": {k: v for k, v in timing.items() if k not in
+                                                              ("frames", "seconds", "frames_per_s")},
+               "outputs": files}
     if args.metrics:
         meta = {k: summary[k] for k in ("checkpoint", "checkpoint_sha256", "model", "epoch", "noise_factor")}
         meta.update(window_size=args.metrics_window, roi_a=args.roi_a, roi_b=args.roi_b,

@@ -36,6 +36,7 @@ import os
 import queue
 import shutil
 import threading
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -277,16 +278,17 @@ def check_resources(source, *, batch: int, prefetch: int, out_dir: Path, output_
                          f"{out_dir} has {free / gib:.2f} GiB free")
 
 
-def prefetch(iterable, depth: int):
+def prefetch(iterable, depth: int, busy=None):
     """Iterate `iterable` in a background thread, at most `depth` items ahead (decode of the
-    next frames while the network runs on this batch). Exceptions surface in the consumer."""
+    next frames while the network runs on this batch). Exceptions surface in the consumer.
+    busy(seconds): called with the time each item took to produce (the decode stage's time)."""
     items: queue.Queue = queue.Queue(maxsize=max(1, depth))
     done = object()
     stop = threading.Event()
 
     def work():
         try:
-            for item in iterable:
+            for item in timed(iterable, busy):
                 if stop.is_set():
                     return
                 items.put((item, None))
@@ -314,13 +316,31 @@ def prefetch(iterable, depth: int):
         thread.join()
 
 
+def timed(iterable, busy=None):
+    """Iterate `iterable`, calling busy(seconds) with each item's production time."""
+    if busy is None:
+        yield from iterable
+        return
+    it = iter(iterable)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        finally:
+            busy(time.perf_counter() - t0)
+        yield item
+
+
 class WriteBehind:
     """Frames handed to a sink's write() in a background thread, at most `depth` queued (encode
     of this batch while the network runs on the next). close() waits for the queue and raises
-    the writer's error, if any; after an error further writes raise it at once."""
+    the writer's error, if any; after an error further writes raise it at once. busy(seconds):
+    called with each write's time (the encode stage's)."""
 
-    def __init__(self, sink, depth: int):
-        self.sink = sink
+    def __init__(self, sink, depth: int, busy=None):
+        self.sink, self._busy = sink, busy
         self._items: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, daemon=True, name="speckle-encode")
@@ -332,10 +352,13 @@ class WriteBehind:
             if frame is None:
                 return
             if self._error is None:
+                t0 = time.perf_counter()
                 try:
                     self.sink.write(frame)
                 except BaseException as e:  # handed to the producer
                     self._error = e
+                if self._busy is not None:
+                    self._busy(time.perf_counter() - t0)
 
     def write(self, frame: np.ndarray) -> None:
         if self._error is not None:

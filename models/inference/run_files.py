@@ -18,25 +18,27 @@ from speckle_models.atomic_write import atomic_write_text
 from speckle_models.inference import frame_io
 from speckle_models.inference.image_io import IMAGE_SUFFIXES, quantize, write_figure
 
-METRIC_FIELDS = ["file", "frame", "output", "tissue_pixels", "window_top", "window_left", "window_height",
-                 "window_width", "snr_before", "snr_after", "enl_before", "enl_after", "edge_preservation",
-                 "local_mean_change", "cnr_before", "cnr_after", "gcnr_before", "gcnr_after", "gcnr_bins"]
-# the real-scan judge's figures (metrics/real_scan.py), as judge_<name> columns
-JUDGE_FIELDS = ("enl_ratio", "edge_ratio", "mean_abs_delta", "mean_corr", "black_before", "black_after",
-                "checker_before", "checker_after")
+# metrics.csv: one row a frame, the real-scan judge's figures (metrics/real_scan.FIELDS), how
+# many of its targets the frame meets, and the --roi-a/--roi-b contrast. metrics.json has the
+# same rows with the window boxes, each target's verdict and the calibration filters' figures.
+ROI_FIELDS = ("cnr_before", "cnr_after", "gcnr_before", "gcnr_after", "gcnr_bins")
+
+
+def metric_fields() -> list[str]:
+    from speckle_models.metrics.real_scan import FIELDS
+
+    return ["file", "frame", "output", "tissue_pixels", *FIELDS, "targets_met", *ROI_FIELDS]
 
 
 def write_metrics(out: Path, rows: list[dict], meta: dict, *, overwrite: bool) -> None:
     atomic_write_text(out / "metrics.json", json.dumps({**meta, "images": rows}, indent=2) + "\n",
                       overwrite=overwrite)
     buf = io.StringIO()
-    fields = METRIC_FIELDS + [f"judge_{k}" for k in JUDGE_FIELDS]
-    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=metric_fields(), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        box = row.get("window") or [None] * 4
-        judged = {f"judge_{k}": (row.get("judge") or {}).get(k) for k in JUDGE_FIELDS}
-        writer.writerow({**row, **dict(zip(METRIC_FIELDS[4:8], box)), **judged})
+        met = [v for v in (row.get("targets_met") or {}).values() if v is not None]
+        writer.writerow({**row, "targets_met": f"{sum(met)}/{len(met)}" if met else None})
     atomic_write_text(out / "metrics.csv", buf.getvalue(), overwrite=overwrite)
 
 
@@ -86,8 +88,7 @@ def frame_hook(args, source, stem: Path, paths: list[Path], rows: list[dict]):
     """What happens after each written frame: its figure and its metrics row."""
     if not (args.figure or args.metrics):
         return None
-    from speckle_models.metrics.real_scan import calibration_outputs, judge, meets_targets
-    from speckle_models.metrics.tissue_metrics import tissue_metrics
+    from speckle_models.metrics.real_scan import calibration_outputs, judge, meets_targets, roi_contrast
 
     figures = [p.with_name(p.name.rsplit(".", 1)[0] + ".figure.png") for p in frame_io.png_paths(stem, source.count)]
 
@@ -96,17 +97,19 @@ def frame_hook(args, source, stem: Path, paths: list[Path], rows: list[dict]):
             write_figure(figures[k], quantize(result.before, 255), quantize(result.after, 255), 255,
                          overwrite=args.overwrite)
         if args.metrics:
-            row = {"file": str(source.path), "frame": k, "output": str(paths[min(k, len(paths) - 1)])}
+            row = {"file": str(source.path), "frame": k, "output": str(paths[min(k, len(paths) - 1)]),
+                   "tissue_pixels": int(result.tissue.sum())}
             try:
-                row.update(tissue_metrics(result.before, result.after, result.tissue,
-                                          window=args.metrics_window, roi_a=args.roi_a, roi_b=args.roi_b))
-                # the real-scan judge in the tissue, and on a file's first frame the same figures
-                # for the classical filters (calibration: what a known despeckler scores here)
-                row["judge"] = judge(result.before, result.after, tissue=result.tissue)
-                row["targets_met"] = meets_targets(row["judge"])
-                if k == 0:
-                    row["calibration"] = {name: judge(result.before, filtered, tissue=result.tissue)
-                                          for name, filtered in calibration_outputs(result.before).items()}
+                if row["tissue_pixels"]:  # the judge in the tissue; on a file's first frame the same
+                    # figures for the classical filters (calibration: what a known despeckler scores here)
+                    row.update(judge(result.before, result.after, tissue=result.tissue, window=args.metrics_window))
+                    row["targets_met"] = meets_targets(row)
+                    if args.roi_a is not None:
+                        row.update(roi_contrast(result.before, result.after, result.tissue, args.roi_a, args.roi_b))
+                    if k == 0:
+                        row["calibration"] = {name: judge(result.before, filtered, tissue=result.tissue,
+                                                          window=args.metrics_window)
+                                              for name, filtered in calibration_outputs(result.before).items()}
             except ValueError as e:
                 raise ValueError(f"{source.path}: {e}") from e
             rows.append(row)

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from speckle_models.inference.engine import Engine
+
 MIN_SIDE = 16
 DEFAULT_TILE = 512
 DEFAULT_MAX_PIXELS = 1 << 20
@@ -161,26 +163,51 @@ def check_tiling(tile: int, overlap: int, max_pixels: int, multiple: int) -> Non
                          f"{max_pixels}: lower the tile or raise max_pixels")
 
 
-def _place_of(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """The device and floating dtype of the model's weights (inputs are sent as those)."""
+def frame_windows(h: int, w: int, *, max_pixels: int, tile: int, overlap: int | None,
+                  multiple: int) -> list[tuple[tuple[int, int, int, int], tuple[int, int, int, int]]]:
+    """(rows, cols) spans (start, stop, keep_start, keep_stop) of the windows an (h, w) frame
+    runs in: the whole frame when h * w <= max_pixels, else tile x tile windows (overlap
+    must then be given: default_overlap(model))."""
+    if h * w <= max_pixels:
+        return [((0, h, 0, h), (0, w, 0, w))]
+    if overlap is None:
+        raise ValueError("a frame over max_pixels is tiled: pass the overlap (default_overlap(model))")
+    check_tiling(tile, overlap, max_pixels, multiple)
+    return [(rows, cols) for rows in tile_spans(h, tile, overlap) for cols in tile_spans(w, tile, overlap)]
+
+
+def _network(model) -> tuple[nn.Module, torch.device, torch.dtype]:
+    """(the network to measure, the device and dtype its inputs go in as) of a bare module or
+    an Engine (engine.py: fp32 inputs; it casts, folds and lays out itself)."""
+    if isinstance(model, Engine):
+        return model.source, model.device, torch.float32
     p = next(_bare(model).parameters(), None)
-    return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
+    return model, *((p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32))
 
 
 @torch.no_grad()
-def denoise_frames(model: nn.Module, frames: list[np.ndarray], *, batch_size: int = DEFAULT_BATCH,
+def denoise_frames(model, frames: list[np.ndarray], *, batch_size: int = DEFAULT_BATCH,
                    max_pixels: int = DEFAULT_MAX_PIXELS, tile: int = DEFAULT_TILE,
                    overlap: int | None = None, amp: bool = False,
                    names: list[str] | None = None) -> list[np.ndarray]:
     """Denoise (H, W) frames of v in [0, 1]; returns v in [0, 1], same sizes, float32 (float64
     for a float64 model).
 
+    model: an Engine (engine.py: speckle-denoise's path; amp must stay False, the engine's path
+    says the precision) or a bare nn.Module (eval mode for the call; amp: bf16 autocast).
     Frames (or tiles of frames over max_pixels) of the same size run together in batches of
-    batch_size; overlap None is default_overlap(model). names label the frames in errors."""
+    batch_size; overlap None is default_overlap(model). names label the frames in errors.
+    An Engine gets its batches in its reused staging buffer, and a fixed-shape engine (compiled,
+    int8, CUDA graph) a short batch padded to batch_size with copies of its last piece (the
+    padding's outputs are dropped), so each piece size is compiled or captured once."""
     if batch_size < 1 or max_pixels < 1:
         raise ValueError(f"batch_size and max_pixels must be >= 1, got {batch_size}, {max_pixels}")
+    engine = model if isinstance(model, Engine) else None
+    if engine is not None and amp:
+        raise ValueError("amp is for a bare module; an Engine runs its own path's precision")
     names = names or [f"image {i}" for i in range(len(frames))]
-    m = size_multiple(model)
+    network, device, dtype = _network(model)
+    m = size_multiple(network)
     pieces: dict[tuple[int, int], list] = {}  # window size -> [(frame, rows, cols)]
     for i, f in enumerate(frames):
         if f.ndim != 2:
@@ -189,33 +216,34 @@ def denoise_frames(model: nn.Module, frames: list[np.ndarray], *, batch_size: in
         if min(h, w) < MIN_SIDE:
             raise ValueError(f"{names[i]} is {h}x{w}; the networks need at least "
                              f"{MIN_SIDE}x{MIN_SIDE} pixels")
-        if h * w <= max_pixels:
-            pieces.setdefault((h, w), []).append((i, (0, h, 0, h), (0, w, 0, w)))
-            continue
-        if overlap is None:
-            overlap = default_overlap(model)
-        check_tiling(tile, overlap, max_pixels, m)
-        for rows in tile_spans(h, tile, overlap):
-            for cols in tile_spans(w, tile, overlap):
-                pieces.setdefault((rows[1] - rows[0], cols[1] - cols[0]), []).append((i, rows, cols))
+        if h * w > max_pixels and overlap is None:
+            overlap = default_overlap(network)
+        for rows, cols in frame_windows(h, w, max_pixels=max_pixels, tile=tile, overlap=overlap, multiple=m):
+            pieces.setdefault((rows[1] - rows[0], cols[1] - cols[0]), []).append((i, rows, cols))
 
-    device, dtype = _place_of(model)
     wide = dtype == torch.float64  # a float64 model keeps its precision (tests use it)
     outs = [np.empty(f.shape, np.float64 if wide else np.float32) for f in frames]
-    was_training = model.training
-    model.eval()
+    was_training = network.training
+    network.eval()
     try:
-        for members in pieces.values():
+        for (ph, pw), members in pieces.items():
             for b in range(0, len(members), batch_size):
                 chunk = members[b:b + batch_size]
-                x = torch.stack([torch.from_numpy(np.ascontiguousarray(
-                    frames[i][r0:r1, c0:c1], dtype=np.float32)) for i, (r0, r1, _, _), (c0, c1, _, _) in chunk])
-                x = (x[:, None].to(device, dtype) - 0.5) / 0.5
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    y = model(x)
+                crops = [frames[i][r0:r1, c0:c1] for i, (r0, r1, _, _), (c0, c1, _, _) in chunk]
+                if engine is None:
+                    x = torch.stack([torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32)) for c in crops])
+                    x = (x[:, None].to(device, dtype) - 0.5) / 0.5
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                        y = model(x)
+                else:  # the same float32 arithmetic, in the engine's reused buffer
+                    x = engine.staging((batch_size if engine.fixed_shape else len(crops), 1, ph, pw))
+                    xs = x.numpy()
+                    for k in range(x.shape[0]):
+                        xs[k, 0] = crops[min(k, len(crops) - 1)]
+                    y = engine(x.sub_(0.5).div_(0.5))[:len(crops)]
                 y = (y.to(torch.float64 if wide else torch.float32).clamp_(-1, 1) * 0.5 + 0.5)[:, 0].cpu().numpy()
                 for y_k, (i, (r0, _, kr0, kr1), (c0, _, kc0, kc1)) in zip(y, chunk):
                     outs[i][kr0:kr1, kc0:kc1] = y_k[kr0 - r0:kr1 - r0, kc0 - c0:kc1 - c0]
     finally:
-        model.train(was_training)
+        network.train(was_training)
     return outs

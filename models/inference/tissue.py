@@ -15,23 +15,33 @@ v = P / M, or the BT.601 luminance of RGB / M):
 A "whole frame" plan is the old behaviour: the network on the whole frame (its own replicate
 padding), every pixel replaced.
 
+The network is speckle-denoise's Engine (engine.py: the run's fast path; tiling.denoise_frames
+batches the crops into its reused buffer and pads a short batch for a compiled or captured
+graph: the crops of a file have one shape per region), or any bare nn.Module.
+
 Streaming (`stream_file`): frames come from a source lazily, are decoded in a background
 thread up to one batch ahead (frame_io.prefetch), go through the network a batch at a time,
 and are encoded and written by another thread as they come out (frame_io.WriteBehind, at most
 one batch queued); a tqdm bar counts frames (frames/s). Memory: the prefetched frames, one
-batch and the write queue, whatever the cine's length.
+batch and the write queue, whatever the cine's length. pipeline=False runs the same batches
+through the same calls one after another (the loop the pipeline is tested against: same bits).
+StageTimes keeps the seconds each stage was busy: decode (the source's iteration), network
+(crops, the engine, the merge), encode (the sink's writes), hooks (per-frame figure and
+metrics); their shares of the wall time say which stage bounds a run (they add up to more than
+1 when the stages overlap).
 """
 from __future__ import annotations
 
 import itertools
+import time
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
-from torch import nn
 
 from speckle_models.inference import regions
 from speckle_models.inference.image_io import gray_level
-from speckle_models.inference.tiling import denoise_frames
+from speckle_models.inference.tiling import denoise_frames, frame_windows
 
 
 @dataclass
@@ -45,11 +55,11 @@ class FrameResult:
 
 
 class TissueDenoiser:
-    """Calls the network on the tissue of a batch of frames (module docstring)."""
+    """Calls the network (an Engine or a bare nn.Module) on the tissue of a batch of frames
+    (module docstring); `tiling`: denoise_frames' keywords."""
 
-    def __init__(self, model: nn.Module, plan: regions.TissuePlan, max_value: int, *, pad: int,
-                 **tiling):
-        self.model, self.plan, self.max_value, self.pad, self.tiling = model, plan, max_value, pad, tiling
+    def __init__(self, network, plan: regions.TissuePlan, max_value: int, *, pad: int, **tiling):
+        self.network, self.plan, self.max_value, self.pad, self.tiling = network, plan, max_value, pad, tiling
         self._static_fill: dict[int, np.ndarray] = {}  # part -> the fill's source indices
 
     def _crop(self, v: np.ndarray, k: int, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -75,7 +85,7 @@ class TissueDenoiser:
         m = self.max_value
         levels = [gray_level(f, m) for f in frames]
         if self.plan.how == "whole frame":
-            outs = denoise_frames(self.model, levels, names=names, **self.tiling)
+            outs = denoise_frames(self.network, levels, names=names, **self.tiling)
             full = np.ones(levels[0].shape, bool)
             return [self._merge(f, v, y, full) for f, v, y in zip(frames, levels, outs)]
         kept = [regions.overlay_mask(f, v, m) for f, v in zip(frames, levels)]
@@ -85,7 +95,7 @@ class TissueDenoiser:
                 crop, tissue = self._crop(v, k, kept_f)
                 crops.append(crop)
                 tissues.append(tissue)
-        ys = iter(denoise_frames(self.model, crops, names=None if names is None else
+        ys = iter(denoise_frames(self.network, crops, names=None if names is None else
                                  [f"{n} (region {k + 1})" for n in names for k in range(len(self.plan.boxes))],
                                  **self.tiling))
         results, tissue_iter = [], iter(tissues)
@@ -101,6 +111,19 @@ class TissueDenoiser:
                 changed[box.slices] |= tissue
             results.append(self._merge(f, v, after, changed))
         return results
+
+    def piece_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
+        """The (h, w) of every piece the network sees for one height x width frame (a crop per
+        region, or the frame; tiles above max_pixels). The overlap must be set if any tiles."""
+        p, kw = self.pad, self.tiling
+        crops = ([(height, width)] if self.plan.how == "whole frame" else
+                 [(b.height + 2 * p, b.width + 2 * p) for b in self.plan.boxes])
+        from speckle_models.inference.tiling import DEFAULT_MAX_PIXELS, DEFAULT_TILE, size_multiple
+
+        network = getattr(self.network, "source", self.network)
+        return [(r[1] - r[0], c[1] - c[0]) for h, w in crops for r, c in frame_windows(
+            h, w, max_pixels=kw.get("max_pixels", DEFAULT_MAX_PIXELS), tile=kw.get("tile", DEFAULT_TILE),
+            overlap=kw.get("overlap"), multiple=size_multiple(network))]
 
     def _merge(self, pixels: np.ndarray, v: np.ndarray, y: np.ndarray, tissue: np.ndarray) -> FrameResult:
         """The written frame: `pixels` with the tissue replaced (module docstring)."""
@@ -125,32 +148,84 @@ def peek(source):
     return first, itertools.chain([first], frames)
 
 
+def frames_per_shape(files) -> int:
+    """The most frames that share one network input shape, over (denoiser, frame count, height,
+    width) per file: what one compilation of that shape serves (engine.compile_pays)."""
+    counts: Counter = Counter()
+    for denoiser, count, height, width in files:
+        for size in denoiser.piece_sizes(height, width):
+            counts[size] += count
+    return max(counts.values(), default=0)
+
+
+@dataclass
+class StageTimes:
+    """Seconds each stage was busy, and the run's frames, batches and wall seconds."""
+    frames: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    decode_s: float = 0.0
+    network_s: float = 0.0
+    encode_s: float = 0.0
+    hooks_s: float = 0.0
+    threaded: bool = True
+    STAGES = ("decode", "network", "encode", "hooks")
+
+    def adder(self, stage: str):
+        """busy(seconds) for one stage (each stage's time is written by one thread only)."""
+        key = f"{stage}_s"
+        return lambda seconds: setattr(self, key, getattr(self, key) + seconds)
+
+    def as_dict(self) -> dict:
+        wall = max(self.seconds, 1e-12)
+        out = {"threaded": self.threaded, "frames": self.frames, "batches": self.batches,
+               "seconds": self.seconds, "frames_per_s": self.frames / wall}
+        for stage in self.STAGES:
+            out[f"{stage}_s"] = getattr(self, f"{stage}_s")
+            out[f"{stage}_share"] = getattr(self, f"{stage}_s") / wall
+        return out
+
+
 def stream_file(frames, count: int, denoiser: TissueDenoiser, sink, *, batch_size: int, bar=None,
-                name: str = "", on_frame=None, pipeline: bool = True) -> int:
+                name: str = "", on_frame=None, pipeline: bool = True, times: StageTimes | None = None) -> int:
     """Every frame of `frames` through the denoiser into the open sink, a batch at a time;
     on_frame(k, FrameResult) after each frame is handed to the sink. pipeline: decode ahead and
     write behind in threads (frame_io.prefetch, frame_io.WriteBehind); False runs all three in
-    turn (for comparison). Returns the frames written."""
-    from speckle_models.inference.frame_io import WriteBehind, prefetch
+    turn (the same batches: the same bits). times: a StageTimes the stages' seconds, the frames,
+    batches and this call's wall seconds are added to. Returns the frames written."""
+    from speckle_models.inference.frame_io import WriteBehind, prefetch, timed
 
+    times = times if times is not None else StageTimes(threaded=pipeline)
+    t_start = time.perf_counter()
     written = 0
     pending: list[np.ndarray] = []
-    writer = WriteBehind(sink, batch_size) if pipeline else sink
+    encode = times.adder("encode")
+    writer = WriteBehind(sink, batch_size, busy=encode) if pipeline else sink
 
     def flush():
         nonlocal written
         names = [f"{name} (frame {written + i})" if count > 1 else name for i in range(len(pending))]
-        for result in denoiser(pending, names):
+        t0 = time.perf_counter()
+        results = denoiser(pending, names)
+        times.network_s += time.perf_counter() - t0
+        times.batches += 1
+        for result in results:
+            t0 = time.perf_counter()
             writer.write(result.pixels)
+            if not pipeline:
+                encode(time.perf_counter() - t0)
             if on_frame is not None:
+                t0 = time.perf_counter()
                 on_frame(written, result)
+                times.hooks_s += time.perf_counter() - t0
             written += 1
             if bar is not None:
                 bar.update(1)
         pending.clear()
 
+    decode = times.adder("decode")
     try:
-        for frame in (prefetch(frames, batch_size) if pipeline else frames):
+        for frame in (prefetch(frames, batch_size, busy=decode) if pipeline else timed(frames, decode)):
             pending.append(frame)
             if len(pending) == batch_size:
                 flush()
@@ -159,4 +234,6 @@ def stream_file(frames, count: int, denoiser: TissueDenoiser, sink, *, batch_siz
     finally:
         if pipeline:
             writer.close()  # the writer's error, if any, is raised here
+        times.frames += written
+        times.seconds += time.perf_counter() - t_start
     return written

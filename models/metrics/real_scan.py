@@ -27,11 +27,23 @@ against its input, v = stored / max in [0, 1] (the figures in /255 are v * 255):
    the four polyphase sub-grids. 1 for a pure period-2 pattern; 3 / (N - 1) expected for white
    noise; 0 for a flat output (no AC energy). None without dark windows.
 
-The tissue mask defaults to the whole frame; scanner DICOM regions and automatic tissue
-detection come with the DICOM work (training/scan_folder.tissue_regions is the one place that
-will pass them). TARGETS are the issue's targets for a network fine-tuned on the user's scans;
-`meets_targets` reads a judge row against them. `calibration_outputs` gives the same frame
-through Lee, Frost, SRAD and a median filter, so a row can be read against known filters.
+The tissue mask defaults to the whole frame; speckle-denoise --metrics passes the pixels it
+changed (the tissue regions, colour and white pixels left out: inference/tissue.py). TARGETS
+are issue 23's targets for a network fine-tuned on the user's scans; `meets_targets` reads a
+judge row against them. `calibration_outputs` gives the same frame through Lee, Frost, SRAD
+and a median filter, so a row can be read against known filters.
+
+Contrast between two regions (`roi_contrast`, speckle-denoise --roi-a/--roi-b): CNR and gCNR
+between two boxes, each intersected with the tissue, before and after. gCNR's histogram has
+adaptive bins, the Rice rule: bins = ceil(2 n^(1/3)) for the n pixels of both regions together,
+within [MIN_BINS, MAX_BINS] = [8, 256]. The estimate's upward bias for two equal distributions
+is about sqrt(bins / (pi n)) (speckle_stats' docstring), so 256 fixed bins over 2 x 400 pixels
+would report ~0.32 for two identical regions; the Rice rule gives ~0.10 there, and the bias
+shrinks as n^(-1/3) with the regions' size.
+
+This is the package's one no-reference judge of a despeckled frame: one definition of each
+figure (speckle-denoise --metrics, the figure and table scripts under benchmarks/tools, the
+self-supervised study).
 """
 from __future__ import annotations
 
@@ -42,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from speckle_models.metrics.smoothing import gaussian_blur, gaussian_gradient
-from speckle_models.metrics.speckle_stats import homogeneous_windows
+from speckle_models.metrics.speckle_stats import box_mask, cnr, gcnr, homogeneous_windows
 
 WINDOW, WINDOWS = 16, 8
 DARK_LEVEL = 40 / 255
@@ -51,13 +63,20 @@ EDGE_SELECT_SIGMA, EDGE_MEASURE_SIGMA, EDGE_FRACTION = 3.0, 1.0, 0.02
 EDGE_MIN_GRADIENT = 1 / 255       # per pixel at the selection scale: weaker "edges" are noise
 BLACK_LEVEL, BLACK_ERODE, MIN_BLACK = 8 / 255, 3, 64
 CHECKER_WINDOW = 16
+MIN_BINS, MAX_BINS = 8, 256
 TARGETS = {"enl_ratio": (">=", 3.0), "edge_ratio": (">=", 0.85), "mean_abs_delta": ("<=", 4.0),
            "mean_corr": (">=", 0.95), "black_after": ("<=", 4.0), "checker_after": ("<=", 0.05)}
 # Calibration filters (speckle_filters.py / baselines.py): their default settings, the median of 5
 CALIBRATION = {"Lee": ("lee", {"window": 7}), "Frost": ("frost", {"window": 5, "damping": 2.0}),
                "SRAD": ("srad", {"iterations": 30}), "median 5": ("median", {"size": 5})}
 
-__all__ = ["judge", "meets_targets", "calibration_outputs", "checkerboard_fraction", "TARGETS"]
+# a judge row's scalar figures, in the order metrics.csv lists them
+FIELDS = ("windows", "enl_before", "enl_after", "enl_ratio", "snr_before", "snr_after", "mean_abs_delta",
+          "mean_corr", "edge_pixels", "edge_ratio", "black_pixels", "black_before", "black_after",
+          "dark_windows", "checker_before", "checker_after")
+
+__all__ = ["judge", "meets_targets", "calibration_outputs", "checkerboard_fraction", "roi_contrast",
+           "rice_bins", "TARGETS", "FIELDS"]
 
 
 def _frame(a, name: str) -> torch.Tensor:
@@ -99,9 +118,10 @@ def _dark_windows(before: torch.Tensor) -> torch.Tensor:
     return means <= DARK_LEVEL
 
 
-def judge(before, after, *, tissue=None) -> dict:
+def judge(before, after, *, tissue=None, window: int = WINDOW) -> dict:
     """The judge's figures of one output frame against its input (module docstring); values
-    that are undefined on this frame (no edges, no black, a constant window) are None."""
+    that are undefined on this frame (no edges, no black, a constant window) are None.
+    window: the side of the homogeneous windows (WINDOW); their boxes are in window_boxes."""
     x, y = _frame(before, "before"), _frame(after, "after")
     if x.shape != y.shape:
         raise ValueError(f"before {tuple(x.shape)} and after {tuple(y.shape)} differ in shape")
@@ -115,20 +135,20 @@ def judge(before, after, *, tissue=None) -> dict:
     row: dict = {}
 
     # 1. speckle suppression in the input's most homogeneous bright windows
-    size = min(WINDOW, h, w)
-    try:
-        masks = homogeneous_windows(x[None], size, WINDOWS, by="std", within=mask, min_mean=DARK_LEVEL)
-    except ValueError:
-        masks = None
-        for count in range(WINDOWS - 1, 0, -1):              # fewer windows fit: take what fits
-            try:
-                masks = homogeneous_windows(x[None], size, count, by="std", within=mask, min_mean=DARK_LEVEL)
-                break
-            except ValueError:
-                continue
+    size = min(window, h, w)
+    masks = None
+    for count in range(WINDOWS, 0, -1):                      # fewer windows fit: take what fits
+        try:
+            masks, boxes = homogeneous_windows(x[None], size, count, by="std", within=mask, min_mean=DARK_LEVEL,
+                                               return_boxes=True)
+            break
+        except ValueError:
+            continue
     if masks is None:
-        row.update(windows=0, enl_before=None, enl_after=None, enl_ratio=None, snr_before=None, snr_after=None)
+        row.update(windows=0, window_boxes=[], enl_before=None, enl_after=None, enl_ratio=None,
+                   snr_before=None, snr_after=None)
     else:
+        row["window_boxes"] = boxes[:, 0].tolist()
         sel = masks[:, 0]                                   # (K, H, W)
         vals = torch.stack([torch.stack([img[m] for m in sel]) for img in (x, y)])  # (2, K, size^2)
         mu, sd = vals.mean(-1), vals.std(-1)
@@ -172,6 +192,35 @@ def judge(before, after, *, tissue=None) -> dict:
     row["dark_windows"] = int(dark.sum())
     row["checker_before"] = checkerboard_fraction(x[None], dark[None]) if dark.any() else None
     row["checker_after"] = checkerboard_fraction(y[None], dark[None]) if dark.any() else None
+    return row
+
+
+def rice_bins(n: int) -> int:
+    """ceil(2 n^(1/3)) within [MIN_BINS, MAX_BINS] (module docstring)."""
+    return int(min(MAX_BINS, max(MIN_BINS, math.ceil(2.0 * n ** (1.0 / 3.0)))))
+
+
+def roi_contrast(before, after, tissue, roi_a, roi_b) -> dict:
+    """CNR and gCNR (Rice-rule bins) between two (top, left, height, width) boxes intersected
+    with the tissue, before and after; None where undefined. ValueError naming the box when it
+    does not fit the frame or holds fewer than 2 tissue pixels."""
+    x, y = _frame(before, "before"), _frame(after, "after")
+    tissue = torch.as_tensor(np.asarray(tissue, dtype=bool))
+    masks = []
+    for label, roi in (("--roi-a", roi_a), ("--roi-b", roi_b)):
+        try:
+            m = box_mask(tuple(x.shape), tuple(int(r) for r in roi)) & tissue
+        except ValueError as e:
+            raise ValueError(f"{label}: {e}") from e
+        if int(m.sum()) < 2:
+            raise ValueError(f"{label} {tuple(roi)} holds {int(m.sum())} tissue pixel(s); "
+                             "the metrics are measured inside the tissue only")
+        masks.append(m)
+    bins = rice_bins(int(masks[0].sum() + masks[1].sum()))
+    pair = torch.stack([x, y])
+    row: dict = {"gcnr_bins": bins}
+    for name, values in (("cnr", cnr(pair, *masks)), ("gcnr", gcnr(pair, *masks, bins=bins))):
+        row[f"{name}_before"], row[f"{name}_after"] = (_finite(v) for v in values.tolist())
     return row
 
 

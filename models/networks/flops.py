@@ -40,3 +40,12 @@ def throughput_note(flops_per_image: float, images: int, seconds: float, device:
     rate = flops_per_image * images / max(seconds, 1e-9)
     peak = peak_bf16_flops(device)
     return {"tflops": rate / 1e12, "bf16_peak_fraction": None if peak is None else rate / peak}
+
+
+def forward_flops(model: torch.nn.Module, example: torch.Tensor) -> int:
+    """FLOPs of one eval-mode forward of `model` on `example` (a batch), without gradients."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(example)
+    return int(counter.get_total_flops())

@@ -54,6 +54,13 @@ TEST_NOISE_SEED = 20_240_002
 # ~44 min for the Rayleigh one (4 levels). It is not trained to convergence: Br-U-Net's
 # validation PSNR at x1 is 18.8, 24.2, 26.3, 28.0 dB over the 4 epochs (a rate of 0.005 instead
 # of 0.002 gave 28.4), so medium tests the statistics at the paper's size, not its accuracy.
+# "realtime" is medium with the width issue 25's measurements pick for real-time despeckling on
+# a 2-core CPU: Br-U-Net widths 8, 16 and 32 trained on the phantom with the speckle-free target
+# (medium, --target speckle-free --noise-factor 0 --sigma-add 0; 2026-12-03) reached validation
+# PSNR 27.3, 27.7 and 25.3 dB, SSIM 0.683, 0.698 and 0.643 after the same 400 steps
+# (benchmarks/results/cpu-2026-12-03/widths.md), while a width-8 frame costs 3.9 GFLOP at
+# 480x640 against 15.5 and 61.9: width 8 is the only one near 30 frames/s on two cores, for
+# ~0.3 dB against width 16. Use it with --target speckle-free.
 PRESETS = {
     "paper": dict(image_size=128, count=None, test_count=None, epochs=PAPER_EPOCHS,
                   batch_size=PAPER_BATCH_SIZE, width=32, threads=None,
@@ -64,6 +71,9 @@ PRESETS = {
     "medium": dict(image_size=128, count=500, test_count=128, epochs=4, batch_size=4, width=8,
                    threads=1,
                    lr={"di-conv-ae": 0.004, "d-unet": 0.005, "br-unet": 0.002}),
+    "realtime": dict(image_size=128, count=500, test_count=128, epochs=4, batch_size=4, width=8,
+                     threads=1,
+                     lr={"di-conv-ae": 0.004, "d-unet": 0.005, "br-unet": 0.002}),
 }
 TARGETS = ("clean", "speckle-free", "self-supervised")
 PHANTOMS = ("classic", "realistic")
