@@ -38,13 +38,27 @@ def _load(name: str) -> tuple[bool, str | None]:
 
 
 HAS_CPU_EXT, _cpu_error = _load("_C")
-HAS_CUDA_EXT = False
-if HAS_CPU_EXT and torch.cuda.is_available():  # the CUDA library adds kernels to _C's schemas
-    HAS_CUDA_EXT, _cuda_error = _load("_C_cuda")
+HAS_CUDA_EXT, _cuda_error = False, None
+if torch.cuda.is_available():  # the CUDA library adds kernels to _C's schemas
+    if HAS_CPU_EXT:
+        HAS_CUDA_EXT, _cuda_error = _load("_C_cuda")
+    else:
+        _cuda_error = f"it needs the C++ extension, which is unavailable: {_cpu_error}"
 if not HAS_CPU_EXT:
     warnings.warn(f"speckle_kernels: C++ extension unavailable ({_cpu_error}); backend='auto' "
                   "uses the reference on CPU. Build it with `pip install --no-build-isolation -e .`",
                   RuntimeWarning, stacklevel=2)
+if torch.cuda.is_available() and not HAS_CUDA_EXT:
+    # On a GPU a missing CUDA extension changes what "auto" runs (Triton or the reference):
+    # say why once, rather than fall back silently.
+    warnings.warn(f"speckle_kernels: CUDA extension unavailable ({_cuda_error}); backend='auto' "
+                  "uses Triton (else the reference) on CUDA tensors", RuntimeWarning, stacklevel=2)
+
+
+def load_error(backend: str) -> str | None:
+    """Why the extension of `backend` ("cpu" or "cuda") is not loaded here (None: loaded, or
+    no GPU to load the CUDA one for)."""
+    return _cpu_error if backend == "cpu" else _cuda_error
 
 
 def cpu_output_cache_idle_bytes() -> int:

@@ -14,7 +14,7 @@ from torch import nn
 from ._backend import check_backend_name
 from .batch_renorm import batch_renorm
 from .batch_renorm_act import batch_renorm_act
-from .norm_block import check_block_args, new_rng
+from .batch_renorm_act_contract import check_block_args, new_rng
 from .schedules import DMAX_SCHEDULE, RMAX_SCHEDULE, RenormSchedule
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from .batch_renorm_act import batch_renorm_act
 from .layers import (FusedBatchRenorm1d, FusedBatchRenorm2d, FusedBatchRenorm3d, _FusedBatchRenorm,
                      _FusedBatchRenormAct)
-from .norm_block import check_block_args
+from .batch_renorm_act_contract import check_block_args
 from .schedules import renorm_correction, update_running_stats
 
 

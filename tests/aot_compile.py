@@ -1,13 +1,12 @@
 """Ahead-of-time compile of Triton kernels for sm_80/sm_90 without a GPU.
 
 Triton only compiles kernels defined outside its interpreter, so the tests run this file in a
-subprocess with TRITON_INTERPRET removed: `python tests/aot_compile.py MODULE` compiles every
-variant that MODULE's `aot_variants()` lists and prints one JSON line per variant with the
-registers, spills and shared memory that ptxas reports. A failure exits non-zero.
+subprocess with TRITON_INTERPRET removed: `python tests/aot_compile.py OP` compiles every
+variant that speckle_kernels.testing.aot.variants(OP) lists and prints one JSON line per variant
+with the registers, spills and shared memory that ptxas reports. A failure exits non-zero.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import subprocess
 import sys
@@ -31,13 +30,14 @@ def _resource_usage(cubin: bytes) -> dict:
     return {"regs": int(regs.group(1)) if regs else None, "stack": int(stack.group(1)) if stack else None}
 
 
-def main(module_name: str) -> int:
+def main(op: str) -> int:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    module = importlib.import_module(module_name)
-    for kernel, signature, constexprs in module.aot_variants():
+    from speckle_kernels.testing.aot import variants
+
+    for kernel, signature, constexprs in variants(op):
         for arch in (80, 90):
             src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
             compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))

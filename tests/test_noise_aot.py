@@ -2,7 +2,7 @@
 
 Triton compiles real GPU code only when TRITON_INTERPRET is unset (it is read when kernels are
 decorated), so tests/aot_compile.py runs in a subprocess with the variable removed. It compiles
-every variant listed by speckle_kernels.noise_triton.aot_variants() (float inputs of add_speckle_noise,
+every variant listed by speckle_kernels.testing.aot.variants("noise") (float inputs of add_speckle_noise,
 uint8 -> fp32/bf16 of make_noisy_batch, both distributions) for both architectures.
 """
 import json
@@ -21,15 +21,15 @@ def test_aot_compile_sm80_sm90():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     res = subprocess.run([sys.executable, os.path.join("tests", "aot_compile.py"),
-                          "speckle_kernels.noise_triton"], cwd=root, env=env, capture_output=True,
+                          "noise"], cwd=root, env=env, capture_output=True,
                          text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     sys.path.insert(0, root)
-    from speckle_kernels.noise_triton import aot_variants
-    assert len(rows) == 2 * len(aot_variants())   # one cubin per variant and architecture
+    from speckle_kernels.testing.aot import variants
+    assert len(rows) == 2 * len(variants("noise"))   # one cubin per variant and architecture
     assert {r["arch"] for r in rows} == {80, 90}
     for r in rows:
-        assert r["kernel"] == "_speckle_kernel"
+        assert r["kernel"] == "speckle_kernel"
         # no local-memory spills: Philox's state lives in registers
         assert r["stack"] in (0, None), r

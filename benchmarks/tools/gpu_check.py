@@ -40,7 +40,7 @@ from ..batch_renorm_cases import (HEADLINE_CHANNELS, RENORM_IMPLS, RenormState, 
                                  forward_backward, renorm_bytes, renorm_impl, renorm_input,
                                  unet_norm_shapes)
 from ..noise_cases import check_noise, noise_impl
-from ..norm_block_cases import probe_block_backend
+from ..batch_renorm_act_cases import probe_block_backend
 
 HEADLINE = (32, HEADLINE_CHANNELS, 128, 128)
 BACKENDS = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}  # checked on each device type
