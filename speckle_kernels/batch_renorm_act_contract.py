@@ -14,8 +14,10 @@ shape, whatever the memory layout) has e = offset + j; Philox4x32-10 (philox.py)
 e & 3 and is kept iff uniform(word) >= float32(p). Four elements share one Philox call.
 
 (seed, offset) travel as an int64 tensor `rng` of shape (2,) on the input's device, read there
-(no host sync, CUDA-graph capturable). A module keeps (seed, offset) as an int64 device tensor
-and advances the offset by the element count after each training call, on the device.
+(no host sync, CUDA-graph capturable). The modules draw it for each training call from torch's
+generator of the input's device (draw_rng): torch.manual_seed makes the masks reproducible, a
+CUDA graph replays fresh draws, and activation checkpointing, which saves and restores that
+generator, recomputes the same mask (layers.py).
 """
 from __future__ import annotations
 
@@ -55,14 +57,10 @@ def check_rng(rng, device: torch.device) -> None:
         raise ValueError(f"rng is on {rng.device} but the input is on {device}")
 
 
-def new_rng(seed: int | None = None, device=None) -> torch.Tensor:
-    """A (seed, offset = 0) state; without a seed, one drawn from torch's default generator
-    (so torch.manual_seed makes a network's masks reproducible)."""
-    if seed is None:
-        seed = int(torch.randint(0, 2 ** 62, ()))
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 63:
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
-    return torch.tensor([int(seed), 0], dtype=torch.int64, device=device)
+def draw_rng(device) -> torch.Tensor:
+    """A fresh (seed, offset) from torch's generator of `device`, on the device (one small
+    kernel on a GPU, no host sync; graph-safe under CUDA-graph capture, as torch's own dropout)."""
+    return torch.randint(0, RNG_HIGH, (2,), dtype=torch.int64, device=device)
 
 
 def mask_is_active(training: bool, dropout: float) -> bool:

@@ -306,9 +306,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _block_grads(ctx, dy, backward):
-    rng = ctx.saved_tensors[3]
+    saved = ctx.saved_tensors  # once: a non-reentrant checkpoint unpacks each saved tensor once
     grads = normalize_grads(ctx, dy, lambda dy, x, weight, stats, training: backward(
-        dy, x, weight, stats, training, ctx.slope, ctx.dropout, rng))
+        dy, x, weight, stats, training, ctx.slope, ctx.dropout, saved[3]), saved)
     return grads + (None, None, None)  # slope, dropout, rng
 
 

@@ -183,11 +183,12 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def normalize_grads(ctx, dy, backward):
+def normalize_grads(ctx, dy, backward, saved=None):
     """The normalize op's input gradients, with backward(dy, x, weight, stats, training) giving
     (dx, grads): the registered op under torch.compile, the plain function in eager mode.
-    (The norm block of batch_renorm_act_triton.py saves more tensors after these three.)"""
-    x, weight, stats = ctx.saved_tensors[:3]
+    saved: ctx.saved_tensors when the caller has read them (the norm block saves more tensors
+    after these three; a non-reentrant checkpoint lets each be unpacked once)."""
+    x, weight, stats = (ctx.saved_tensors if saved is None else saved)[:3]
     dx, grads = backward(dy, x, weight, stats, ctx.training)
     param_dtype = weight.dtype if weight is not None else torch.float32
     dweight = grads[GRAD_WEIGHT].to(param_dtype) if weight is not None else None
