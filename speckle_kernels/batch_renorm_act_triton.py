@@ -68,6 +68,15 @@ if HAS_TRITON:
         return out
 
     @triton.jit
+    def block_offsets(n, l, ch, s_n, s_l, s_c, INDEX_64: tl.constexpr):
+        # element offsets of (n, l, c); INDEX_64 widens each index before it meets its stride
+        if INDEX_64:
+            offs = n.to(tl.int64) * s_n + l.to(tl.int64) * s_l + ch.to(tl.int64) * s_c
+        else:
+            offs = n * s_n + l * s_l + ch * s_c
+        return offs
+
+    @triton.jit
     def _mask_words(q):
         # The four Philox words of quad counters q (int64 >= 0); the key is bound by the caller.
         lo = q.to(tl.uint32)  # truncates to the low word
@@ -108,7 +117,10 @@ if HAS_TRITON:
         # offset (0 where masked) and v: forward y, backward g (0 where masked).
         cmask = c1 < C
         n = t // n_l_blocks
-        l0 = (t - n * n_l_blocks) * BLOCK_I
+        l0 = t - n * n_l_blocks
+        if INDEX_64:  # l0 * BLOCK_I and the element offsets in int64 (block_offsets)
+            l0 = l0.to(tl.int64)
+        l0 = l0 * BLOCK_I
         ch = per_channel(c1, CHANNELS_LAST)
         k = _along_l(tl.arange(0, BLOCK_I), CHANNELS_LAST)
         if DROPOUT:
@@ -126,10 +138,7 @@ if HAS_TRITON:
         else:
             l = l0 + k
         m = (l >= 0) & (l < L) & (ch < C)
-        if INDEX_64:
-            offs = n.to(tl.int64) * s_n + l.to(tl.int64) * s_l + ch.to(tl.int64) * s_c
-        else:
-            offs = n * s_n + l * s_l + ch * s_c
+        offs = block_offsets(n, l, ch, s_n, s_l, s_c, INDEX_64)
         pivot = per_channel(tl.load(stats_ptr + ROW_PIVOT * C + c1, mask=cmask, other=0.0), CHANNELS_LAST)
         offset = per_channel(tl.load(stats_ptr + ROW_MEAN_OFFSET * C + c1, mask=cmask, other=0.0),
                               CHANNELS_LAST)
@@ -150,7 +159,7 @@ if HAS_TRITON:
             v = tl.where(z > 0.0, v, v * slope)
         return offs, m, u, v
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_l_blocks", "n_tiles", "tiles_per_program"])  # loop shape only
     def batch_renorm_act_kernel(
         x_ptr, dy_ptr, out_ptr,  # (N, L, C) strided, one set of strides; out: y (forward) or dx
         stats_ptr,    # (8, C) fp32, batch_renorm_triton's STAT_* rows
@@ -221,7 +230,9 @@ class _BlockLayout:
         self.n_l_blocks = tc.cdiv(span, self.block_i)
         self.n_tiles = n * self.n_l_blocks
         self.c_blocks = tc.cdiv(c, self.block_c)
-        self.index_64 = x.numel() >= tc.INDEX_64_FROM
+        s_n, s_l, s_c = self.strides
+        self.index_64 = tc.needs_index_64((n - 1, s_n), (self.n_l_blocks * self.block_i - 1, s_l),
+                                          (self.c_blocks * self.block_c - 1, s_c))
 
     def launch(self, mode, x, dy, out, stats, grads, partial, rng, *, programs, tiles_per_program,
                dropout, keep_scale, slope):

@@ -46,7 +46,9 @@ class Layout:
         self.n_inner_blocks = tc.cdiv(self.inner, self.block_i)
         self.n_tiles = self.outer * self.n_inner_blocks
         self.c_blocks = tc.cdiv(c, self.block_c)
-        self.index_64 = self.tensor.numel() >= tc.INDEX_64_FROM
+        s_o, s_i, s_c = self.strides
+        self.index_64 = tc.needs_index_64((self.outer - 1, s_o), (self.n_inner_blocks * self.block_i - 1, s_i),
+                                          (self.c_blocks * self.block_c - 1, s_c))
 
     def match(self, t: torch.Tensor) -> torch.Tensor:
         """t (same shape as x) with x's memory layout, copying only when it differs."""
@@ -92,7 +94,7 @@ def batch_renorm_statistics(x, weight, bias, running_mean, running_std, num_batc
     kernels.forward_finalize_kernel[(tc.cdiv(C, tc.FINALIZE_BLOCK_C),)](
         layout.tensor, partial, weight if weight is not None else stats,
         bias if bias is not None else stats, running_mean, running_std, num_batches_tracked, stats,
-        partial.shape[1], C, layout.strides[2], float(x.numel() // C), float(eps), float(momentum),
+        partial.shape[1], C, layout.strides[2], float(eps), float(momentum),
         r_max.slope, r_max.start, r_max.low, r_max.high, d_max.slope, d_max.start, d_max.low, d_max.high,
         TRAINING=training, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         BLOCK_C=tc.FINALIZE_BLOCK_C, BLOCK_P=tc.FINALIZE_BLOCK_P)
@@ -112,7 +114,7 @@ def backward_finalize(partial: torch.Tensor, weight, stats: torch.Tensor, count:
     C = partial.shape[2]
     grads = torch.empty((N_GRADS, C), device=partial.device, dtype=torch.float32)
     kernels.backward_finalize_kernel[(tc.cdiv(C, tc.FINALIZE_BLOCK_C),)](
-        partial, weight if weight is not None else stats, stats, grads, partial.shape[1], C, float(count),
+        partial, weight if weight is not None else stats, stats, grads, partial.shape[1], C, int(count),
         TRAINING=training, HAS_WEIGHT=weight is not None,
         BLOCK_C=tc.FINALIZE_BLOCK_C, BLOCK_P=tc.FINALIZE_BLOCK_P)
     return grads
@@ -128,11 +130,8 @@ def batch_renorm_backward(dy, layout: Layout, weight, stats, *, training: bool):
     return dx, grads
 
 
-# Registered as torch ops so that torch.compile(fullgraph=True) traces through the layer (as
-# opaque calls) and autograd, functionalization and CUDA graphs see normal ops. An op that
-# mutates its inputs cannot carry an autograd formula, so the layer is two ops: the statistics
-# (mutates the running buffers, no gradient) and the normalization, whose backward holds the
-# whole gradient, including the part that flows through the batch mean and std.
+# The two ops (the module header says why two): autograd, functionalization and CUDA graphs
+# see normal ops.
 @torch.library.custom_op("speckle_kernels::batch_renorm_triton_statistics",
                          mutates_args=("running_mean", "running_std", "num_batches_tracked"))
 def batch_renorm_triton_statistics(

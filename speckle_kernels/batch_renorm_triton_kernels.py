@@ -7,17 +7,23 @@ statistics, read x + write y) and three in backward (read x, dy for the sums, re
 programs (partials in a (3, P, C) fp64 buffer, merged by a second kernel): one program per
 channel starves the GPU at U-Net's high-resolution layers (C=64, 524288 values per channel).
 Statistics: u = x - pivot (the channel's first element), so that x - pivot is exact for data
-like 1e4 + 1e-2*randn; each tile's (count, mean, M2) of u is two-pass in registers, and tiles
-and programs merge by Chan's formula in fp64. Sums of squares about a far-off pivot would lose
-a factor 1 + (mean - pivot)^2/var of precision; this keeps two-pass accuracy with one read of
-x. The backward's sums are fp32 trees per tile added in fp64. Errors are judged against the
-same function in float64 (speckle_kernels/testing/batch_renorm.py): at most 2x the fp32
-reference's + 1 ulp.
+like 1e4 + 1e-2*randn. Each tile's mean and M2 of u are two-pass in registers as fp32 trees
+(its mean, then the squared deviations about it), its count is read off its indices, and tiles
+and programs merge by Chan's formula in fp64: fp64 work once a tile and channel, never an
+element. Sums of squares about a far-off pivot would lose a factor 1 + (mean - pivot)^2/var of
+precision; this keeps two-pass accuracy with one read of x. The backward's sums are fp32 trees
+a tile, added in fp64. The finalize kernels work in fp64 where they merge and divide by counts,
+and round their fp32 divisions to nearest (tl.div_rn; a plain "/" is div.full.f32, 2 ulp).
+Errors are judged against the same function in float64 (speckle_kernels/testing/batch_renorm.py):
+at most 2x the fp32 reference's + 1 ulp.
 
 Layouts: x is viewed as (outer, inner, C) with strides (s_o, s_i, s_c) and no copy:
 contiguous NC* is (N, L, C) with s_i = 1; channels_last is (1, N*L, C) with s_c = 1 (tiles as
-triton_common.py says). Nothing here synchronizes with the host: r, d, r_max, d_max and the
-running statistics live on the device, so the layer can be captured in a CUDA graph.
+triton_common.py says). Offsets are int32 unless some lane's offset reaches 2**31
+(triton_common.needs_index_64, on the host): then INDEX_64 widens every index before it meets
+a stride (tests/test_triton_indexing.py, and the TTIR check of tests/test_aot_compile.py).
+Nothing here synchronizes with the host: r, d, r_max, d_max and the running statistics live on
+the device, so the layer can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -33,22 +39,39 @@ if HAS_TRITON:
 
     @triton.jit
     def tile_offsets(t, c1, C, INNER, n_inner_blocks, s_o, s_i, s_c,
-              CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, BLOCK_I: tl.constexpr):
-        # Offsets and mask of tile t (outer index o, inner block) for channels c1. The contiguous
-        # dimension is the tile's last axis: (BLOCK_I, BLOCK_C) channels_last, else (BLOCK_C, BLOCK_I).
+                     CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, BLOCK_I: tl.constexpr):
+        # Offsets, mask and count of valid positions of tile t (outer index o, inner block) for
+        # channels c1. The contiguous dimension is the tile's last axis: (BLOCK_I, BLOCK_C)
+        # channels_last, else (BLOCK_C, BLOCK_I). With INDEX_64 every index is widened before it
+        # multiplies a stride (channels_last: idx * C passes 2**31 with the tensor, and the
+        # block start i0 itself where N*L does).
         o = t // n_inner_blocks
-        ii = (t - o * n_inner_blocks) * BLOCK_I + tl.arange(0, BLOCK_I)
+        i0 = t - o * n_inner_blocks
         ch = per_channel(c1, CHANNELS_LAST)
+        if INDEX_64:
+            o = o.to(tl.int64)
+            i0 = i0.to(tl.int64)
+            ch = ch.to(tl.int64)
+        i0 = i0 * BLOCK_I
+        ii = i0 + tl.arange(0, BLOCK_I)
         if CHANNELS_LAST:
             idx = ii[:, None]
         else:
             idx = ii[None, :]
-        if INDEX_64:
-            o = o.to(tl.int64)
-            ch = ch.to(tl.int64)
-        return o * s_o + idx * s_i + ch * s_c, (ch < C) & (idx < INNER)
+        return o * s_o + idx * s_i + ch * s_c, (ch < C) & (idx < INNER), tl.minimum(INNER - i0, BLOCK_I)
 
     @triton.jit
+    def first_offsets(c1, s_c, INDEX_64: tl.constexpr):
+        # offset of each channel's first element (the pivot), widened as tile_offsets widens
+        if INDEX_64:
+            out = c1.to(tl.int64) * s_c
+        else:
+            out = c1 * s_c
+        return out
+
+    # do_not_specialize: integers that set loop bounds and tile counts only (no load's alignment
+    # depends on them): specializing on "== 1" and "% 16" would compile a variant per value class
+    @triton.jit(do_not_specialize=["n_inner_blocks", "n_tiles", "tiles_per_program"])
     def channel_sums_kernel(
         x_ptr, dy_ptr, stats_ptr, partial_ptr,  # x, dy: (outer, inner, C) strided; partial: (3, P, C) fp64
         C, INNER, n_inner_blocks, n_tiles, tiles_per_program,
@@ -57,8 +80,9 @@ if HAS_TRITON:
         BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
     ):
         # Forward: per channel (count, mean, M2) of u = x - pivot. Each tile's are two-pass, in
-        # registers (its mean, then the squares about it), and tiles merge by Chan's formula in
-        # fp64: one read of x, two-pass accuracy wherever the pivot sits in the data.
+        # registers and fp32 trees (its mean, then the squares about it; its count from its
+        # indices), and tiles merge by Chan's formula in fp64, once a tile and channel: one read
+        # of x, two-pass accuracy wherever the pivot sits in the data.
         # Backward: per channel sums of dy and dy*u, u = (x - pivot) - offset (the finalize divides
         # by sigma once, in fp64: a rounded 1/sigma in every term would bias them all alike), each
         # tile's (a tree in fp32) added in fp64.  One partial per program; merged by a finalize.
@@ -69,7 +93,7 @@ if HAS_TRITON:
             shift = tl.load(stats_ptr + ROW_PIVOT * C + c1, mask=cmask, other=0.0)
             offset = tl.load(stats_ptr + ROW_MEAN_OFFSET * C + c1, mask=cmask, other=0.0)
         else:
-            shift = tl.load(x_ptr + c1 * s_c, mask=cmask, other=0.0).to(tl.float32)
+            shift = tl.load(x_ptr + first_offsets(c1, s_c, INDEX_64), mask=cmask, other=0.0).to(tl.float32)
             offset = tl.zeros([BLOCK_C], tl.float32)
         shift2 = per_channel(shift, CHANNELS_LAST)
         offset2 = per_channel(offset, CHANNELS_LAST)
@@ -79,22 +103,23 @@ if HAS_TRITON:
         t_start = p * tiles_per_program
         t_end = tl.minimum(t_start + tiles_per_program, n_tiles)
         for t in range(t_start, t_end):
-            offs, m = tile_offsets(t, c1, C, INNER, n_inner_blocks, s_o, s_i, s_c,
-                            CHANNELS_LAST, INDEX_64, BLOCK_I)
+            offs, m, n_valid = tile_offsets(t, c1, C, INNER, n_inner_blocks, s_o, s_i, s_c,
+                                            CHANNELS_LAST, INDEX_64, BLOCK_I)
             x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
             u = tl.where(m, (x - shift2) - offset2, 0.0)
             if BACKWARD:
                 dy = tl.load(dy_ptr + offs, mask=m, other=0.0).to(tl.float32)
-                acc_n += tile_sum(dy, CHANNELS_LAST)
-                acc_a += tile_sum(dy * u, CHANNELS_LAST)
+                acc_n += tile_sum(dy, CHANNELS_LAST).to(tl.float64)
+                acc_a += tile_sum(dy * u, CHANNELS_LAST).to(tl.float64)
             else:
-                n_b = tile_sum(m.to(tl.float32), CHANNELS_LAST)
-                tile_mean = tile_sum(u, CHANNELS_LAST) / tl.maximum(n_b, 1.0)
-                dev = tl.where(m, u - per_channel(tile_mean.to(tl.float32), CHANNELS_LAST), 0.0)
-                tile_m2 = tile_sum(dev * dev, CHANNELS_LAST)
+                # n_valid >= 1: a program's tiles all lie inside the tensor
+                tile_mean = tl.div_rn(tile_sum(u, CHANNELS_LAST), n_valid.to(tl.float32))
+                dev = tl.where(m, u - per_channel(tile_mean, CHANNELS_LAST), 0.0)
+                tile_m2 = tile_sum(dev * dev, CHANNELS_LAST).to(tl.float64)
+                n_b = n_valid.to(tl.float64)
                 n_ab = acc_n + n_b
-                w_b = n_b / tl.maximum(n_ab, 1.0)
-                delta = tile_mean - acc_a
+                w_b = n_b / n_ab
+                delta = tile_mean.to(tl.float64) - acc_a
                 acc_a += delta * w_b
                 acc_b += tile_m2 + delta * delta * acc_n * w_b
                 acc_n = n_ab
@@ -104,7 +129,7 @@ if HAS_TRITON:
         if not BACKWARD:
             tl.store(partial_ptr + (2 * n_programs + p) * C + c1, acc_b, mask=cmask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_inner_blocks"])
     def per_channel_affine_kernel(
         x_ptr, dy_ptr, out_ptr,  # (outer, inner, C) strided, all three with the same strides
         pivot_ptr, offset_ptr, coef_x_ptr, coef_dy_ptr, coef_0_ptr,  # (C,) fp32
@@ -126,7 +151,8 @@ if HAS_TRITON:
         cx = tl.load(coef_x_ptr + c1, mask=cmask, other=0.0)
         c0 = tl.load(coef_0_ptr + c1, mask=cmask, other=0.0)
         cdy = tl.load(coef_dy_ptr + c1, mask=cmask, other=0.0)
-        offs, m = tile_offsets(t, c1, C, INNER, n_inner_blocks, s_o, s_i, s_c, CHANNELS_LAST, INDEX_64, BLOCK_I)
+        offs, m, _ = tile_offsets(t, c1, C, INNER, n_inner_blocks, s_o, s_i, s_c, CHANNELS_LAST, INDEX_64,
+                                  BLOCK_I)
         pivot2 = per_channel(pivot, CHANNELS_LAST)
         offset2 = per_channel(offset, CHANNELS_LAST)
         cx2 = per_channel(cx, CHANNELS_LAST)
@@ -174,12 +200,12 @@ if HAS_TRITON:
             m2 += tl.sum(m2_p + n_p * delta * delta, axis=0)
         return n, mean, m2
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["P", "C", "s_c"])
     def forward_finalize_kernel(
         x_ptr, partial_ptr, weight_ptr, bias_ptr,
         running_mean_ptr, running_std_ptr, num_batches_tracked_ptr,  # (C,), (C,), () int64
         stats_ptr,  # out: (8, C) fp32, rows STAT_*
-        P, C, s_c, count, eps, momentum,
+        P, C, s_c, eps, momentum,
         r_slope, r_start, r_low, r_high, d_slope, d_start, d_low, d_high,
         TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -190,7 +216,7 @@ if HAS_TRITON:
         rs = tl.load(running_std_ptr + c1, mask=cmask, other=1.0).to(tl.float32)
         if TRAINING:
             n, mean_u64, m2 = merge_moments(partial_ptr, P, C, c1, cmask, BLOCK_C, BLOCK_P)
-            pivot = tl.load(x_ptr + c1 * s_c, mask=cmask, other=0.0).to(tl.float32)
+            pivot = tl.load(x_ptr + c1.to(tl.int64) * s_c, mask=cmask, other=0.0).to(tl.float32)
             mean_u = mean_u64.to(tl.float32)
             mean = pivot + mean_u
             std_biased = tl.sqrt(m2 / tl.maximum(n, 1.0)).to(tl.float32)
@@ -198,9 +224,11 @@ if HAS_TRITON:
             t = tl.load(num_batches_tracked_ptr).to(tl.float32)
             r_max = tl.minimum(tl.maximum(r_slope * t + r_start, r_low), r_high)
             d_max = tl.minimum(tl.maximum(d_slope * t + d_start, d_low), d_high)
-            r = tl.minimum(tl.maximum(sigma / rs, 1.0 / r_max), r_max)
-            d = tl.minimum(tl.maximum((mean - rm) / rs, -d_max), d_max)
-            inv_s = tl.where(std_biased > 0.0, 1.0 / tl.where(std_biased > 0.0, std_biased, 1.0), 0.0)
+            # IEEE-rounded fp32 divisions here and below (a plain "/" compiles to div.full.f32,
+            # 2 ulp; the interpreter divides exactly, so its tests would not see the difference)
+            r = tl.minimum(tl.maximum(tl.div_rn(sigma, rs), tl.div_rn(1.0, r_max)), r_max)
+            d = tl.minimum(tl.maximum(tl.div_rn(mean - rm, rs), -d_max), d_max)
+            inv_s = tl.where(std_biased > 0.0, tl.div_rn(1.0, tl.where(std_biased > 0.0, std_biased, 1.0)), 0.0)
             tl.store(running_mean_ptr + c1, rm + momentum * (mean - rm), mask=cmask)
             offset = mean_u
             tl.store(running_std_ptr + c1, rs + momentum * (sigma - rs), mask=cmask)
@@ -212,7 +240,7 @@ if HAS_TRITON:
             d = tl.zeros([BLOCK_C], tl.float32)
             inv_s = tl.zeros([BLOCK_C], tl.float32)
         # xhat = (x - mean)*a + d with a = r/sigma; y = xhat*w + b
-        a = r / sigma
+        a = tl.div_rn(r, sigma)
         shift = d
         if HAS_WEIGHT:
             w = tl.load(weight_ptr + c1, mask=cmask, other=1.0).to(tl.float32)
@@ -229,11 +257,11 @@ if HAS_TRITON:
         tl.store(stats_ptr + ROW_SCALE * C + c1, a, mask=cmask)
         tl.store(stats_ptr + ROW_SHIFT * C + c1, shift, mask=cmask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["P", "C", "count"])
     def backward_finalize_kernel(
         partial_ptr, weight_ptr, stats_ptr,  # partial: (3, P, C) fp64, rows sum dy, sum dy*z; stats: (8, C)
         grads_ptr,  # out: (5, C) fp32, rows GRAD_*
-        P, C, count,
+        P, C, count,  # count: elements a channel, an int (exact past 2**24, unlike an fp32 argument)
         TRAINING: tl.constexpr, HAS_WEIGHT: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     ):
@@ -249,11 +277,12 @@ if HAS_TRITON:
             w = tl.load(weight_ptr + c1, mask=cmask, other=0.0).to(tl.float32)
         else:
             w = tl.full([BLOCK_C], 1.0, tl.float32)
-        coef_a = w * r / sigma
+        coef_a = tl.div_rn(w * r, sigma)
         sum_dyz = sum_dyz / sigma.to(tl.float64)  # S(dy*u) -> S(dy*z)
+        n = count.to(tl.float64)
         if TRAINING:
-            coef_b = (-coef_a.to(tl.float64) * sum_dyz * inv_s.to(tl.float64) / count).to(tl.float32)
-            mean_dy = (sum_dy / count).to(tl.float32)
+            coef_b = (-coef_a.to(tl.float64) * sum_dyz * inv_s.to(tl.float64) / n).to(tl.float32)
+            mean_dy = (sum_dy / n).to(tl.float32)
         else:
             coef_b = tl.zeros([BLOCK_C], tl.float32)
             mean_dy = tl.zeros([BLOCK_C], tl.float32)

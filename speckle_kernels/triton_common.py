@@ -27,7 +27,6 @@ REDUCTION_PROGRAMS_PER_SM = 8  # programs along a reduction: a few waves of the 
 # over 16 channels a program (at 64 x 32 it cost ~35 us an H100, a fifth of the forward).
 FINALIZE_BLOCK_C = 16
 FINALIZE_BLOCK_P = 128
-INDEX_64_FROM = 2 ** 31 - TILE_ELEMENTS  # tensors this large index in int64 (see int64 below)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -38,6 +37,13 @@ def cdiv(a: int, b: int) -> int:
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+def needs_index_64(*index_strides) -> bool:
+    """True when some lane of a launch forms an element offset of 2**31 or more, so the kernel
+    must widen its indices before they multiply a stride (INDEX_64): index_strides are the
+    (largest index any lane takes on an axis, masked lanes included, stride) of each axis."""
+    return sum(i * s for i, s in index_strides) >= 2 ** 31
 
 
 def programs_for_reduction(n_tiles: int, c_blocks: int, device: torch.device) -> tuple[int, int]:
@@ -83,10 +89,11 @@ if HAS_TRITON:
 
     @triton.jit
     def tile_sum(v, CHANNELS_LAST: tl.constexpr):
-        # Per-channel fp64 sum of a tile's values. fp64 because the order of a tl.sum is not
-        # ours: a tree on a GPU, but a sequential loop under the interpreter, whose fp32 error
-        # on a few hundred values already passes the reference's.
-        v = v.to(tl.float64)
+        # Per-channel sum of a tile's fp32 values: a tree on a GPU (Triton's reduction: each
+        # thread's values, then warp shuffles), so its error grows as log2(BLOCK_I); the
+        # callers add tiles in fp64, once a tile and channel. (Under the interpreter tl.sum is
+        # numpy's: pairwise along the contiguous axis, a running sum along a channels_last
+        # tile's BLOCK_I rows, at most 16 of them at C >= 128, 512 at C <= 4.)
         if CHANNELS_LAST:
             out = tl.sum(v, axis=0)
         else:

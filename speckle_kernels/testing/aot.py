@@ -1,5 +1,6 @@
 """Every Triton kernel specialization the launchers make, for compiling ahead of time without a
-GPU (tests/aot_compile.py: sm_80 and sm_90; the register and spill report).
+GPU (speckle_kernels/testing/aot_compile.py: sm_80 and sm_90, run by tests/test_aot_compile.py;
+the register and spill report benchmarks/tools/triton_aot_report.py).
 
     variants(op) -> [(kernel, signature, constexprs)], op in OPS
 
@@ -46,7 +47,7 @@ def batch_renorm_variants():
         for affine in (False, True):
             sig = dict(x_ptr="*fp32", partial_ptr="*fp64", weight_ptr="*fp32", bias_ptr="*fp32",
                        running_mean_ptr="*fp32", running_std_ptr="*fp32", num_batches_tracked_ptr="*i64",
-                       stats_ptr="*fp32", P=I32, C=I32, s_c=I32, count=F32, eps=F32, momentum=F32,
+                       stats_ptr="*fp32", P=I32, C=I32, s_c=I32, eps=F32, momentum=F32,
                        **{name: F32 for name in ("r_slope", "r_start", "r_low", "r_high",
                                                  "d_slope", "d_start", "d_low", "d_high")},
                        TRAINING="constexpr", HAS_WEIGHT="constexpr", HAS_BIAS="constexpr",
@@ -54,7 +55,7 @@ def batch_renorm_variants():
             variants.append((k.forward_finalize_kernel, sig,
                              dict(TRAINING=training, HAS_WEIGHT=affine, HAS_BIAS=affine, **blocks)))
             sig = dict(partial_ptr="*fp64", weight_ptr="*fp32", stats_ptr="*fp32", grads_ptr="*fp32",
-                       P=I32, C=I32, count=F32, TRAINING="constexpr", HAS_WEIGHT="constexpr",
+                       P=I32, C=I32, count=I32, TRAINING="constexpr", HAS_WEIGHT="constexpr",
                        BLOCK_C="constexpr", BLOCK_P="constexpr")
             variants.append((k.backward_finalize_kernel, sig, dict(TRAINING=training, HAS_WEIGHT=affine, **blocks)))
     return variants
