@@ -25,6 +25,22 @@ from .schedules import DMAX_SCHEDULE, RMAX_SCHEDULE, RenormSchedule
 __all__ = ["batch_renorm_act"]
 
 
+_UNREAD_RNG: dict = {}
+
+
+def _unread_rng(device: torch.device) -> torch.Tensor:
+    """The kernels' rng argument where no mask is drawn (never read): one int64 (2,) tensor a
+    device, made once, so that a call without dropout allocates nothing for it."""
+    if torch.compiler.is_compiling():
+        return torch.zeros(2, dtype=torch.int64, device=device)
+    rng = _UNREAD_RNG.get(device)
+    if rng is None:
+        rng = torch.zeros(2, dtype=torch.int64, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _UNREAD_RNG[device] = rng  # not a tensor of a graph's private pool
+    return rng
+
+
 def batch_renorm_act(
     x: torch.Tensor,
     running_mean: torch.Tensor,
@@ -57,7 +73,7 @@ def batch_renorm_act(
     elif mask_is_active(training, dropout):
         raise ValueError(f"dropout={dropout} in training needs rng, the (seed, offset) int64 tensor")
     else:
-        rng = torch.zeros(2, dtype=torch.int64, device=x.device)  # unread: no mask
+        rng = _unread_rng(x.device)
     chosen = choose_backend(backend, x.device, x.dtype)
     common = dict(training=bool(training), momentum=float(momentum), eps=float(eps), r_max=r_max, d_max=d_max)
     if chosen == "reference":

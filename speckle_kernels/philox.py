@@ -18,6 +18,7 @@ kPhiloxKeyA/B = W0/W1, kMaskStream = STREAM_DROPOUT).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 U32 = 0xFFFFFFFF
@@ -54,7 +55,10 @@ def philox4x32_10(seed, c0, c1, c2, c3):
     return c0, c1, c2, c3
 
 
+_UNIFORM_SCALE_F32 = float(np.float32(UNIFORM_SCALE))  # exact in float32: no rounding where it meets one
+
+
 def uniform_torch(r: torch.Tensor) -> torch.Tensor:
     """Philox words (int64 holding uint32) -> the streams' float32 uniforms."""
     v = torch.where(r >= 2 ** 31, U32 - r, r)
-    return v.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32)
+    return v.to(torch.float32) * _UNIFORM_SCALE_F32
