@@ -62,12 +62,14 @@ def copy_speed():
 
 @pytest.fixture
 def timed(benchmark, copy_speed):
-    """timed(group, impl, case_label, fn, nbytes, **extra): times fn() with pedantic rounds
-    (synchronizing inside on a GPU, warm-up rounds first) and records in extra_info the bytes
+    """timed(group, impl, case_label, fn, nbytes, rounds_warmup=None, **extra): times fn() with
+    pedantic rounds (synchronizing inside on a GPU, warm-up rounds first; rounds_warmup overrides
+    the size's (rounds, warm-up rounds)) and records in extra_info the bytes
     the call must move, the achieved GB/s and its fraction of the session's copy bandwidth."""
-    rounds, warmup = rounds_for(SIZE, DEVICE)
+    default = rounds_for(SIZE, DEVICE)
 
-    def run(group, impl, case, fn, nbytes, **extra):
+    def run(group, impl, case, fn, nbytes, *, rounds_warmup=None, **extra):
+        rounds, warmup = rounds_warmup or default
         benchmark.group = group
         benchmark.extra_info.update(
             group=group, impl=impl, case=case, bytes=nbytes, device=device_name(DEVICE),

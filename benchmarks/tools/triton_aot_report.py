@@ -71,24 +71,28 @@ def markdown(rows: list[dict], command: str, before: dict | None = None) -> str:
              "(INDEX_64, dropout and quads, weights...). Registers are a thread's, the range over the "
              "variants; programs/SM = what 65536 registers an SM allow for the most of them at the "
              "kernel's warps. Spills: the most bytes of spill stores. int32 stride products: `arith.muli` "
-             "of a stride in i32 in the TTIR of the INDEX_64 variants (must be 0)."
-             + (" before: the registers of the same variants at the previous commit." if before else "") + "\n",
-             "| kernel | pass | layout | dtype | sm | variants | registers | " + ("before | " if before else "")
+             "of a stride in i32 in the TTIR of the INDEX_64 variants (must be 0). fp64 SASS: the static "
+             "count of fp64 instructions (DADD, DMUL, DFMA, DSETP, DMNMX, conversions) in the machine code."
+             + (" before: the same variants compiled from the commit named in the command." if before else "") + "\n",
+             "| kernel | pass | layout | dtype | sm | variants | registers | fp64 SASS | "
+             + ("registers before | fp64 SASS before | " if before else "")
              + "programs/SM | spill stores | int32 stride products |",
-             "|---|---|---|---|---|---|---|" + ("---|" if before else "") + "---|---|---|"]
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if before else "") + "---|---|---|"]
     for key, rs in sorted(groups.items()):
         regs = [r["regs"] for r in rs if r["regs"] is not None]
         warps = max(r["num_warps"] for r in rs)
         programs = REGISTERS_PER_SM // (32 * warps * max(regs)) if regs else "?"
         spills = max((r["spill_stores"] or 0) for r in rs)
         wide = sum(len(r["i32_stride_products"]) for r in rs if r["constexprs"].get("INDEX_64", True))
+        fp64 = [r["fp64_sass"] for r in rs]
         old = ""
         if before:
             was = before.get(key)
-            old = f"{min(was)}–{max(was)} | " if was else "– | "
+            old = (f"{min(w[0] for w in was)}–{max(w[0] for w in was)} | "
+                   f"{min(w[1] for w in was)}–{max(w[1] for w in was)} | ") if was else "– | – | "
         kernel, mode, layout, dtype, arch = key
         lines.append(f"| {kernel} | {mode} | {layout} | {dtype} | {arch} | {len(rs)} | {min(regs)}–{max(regs)} | "
-                     f"{old}{programs} | {spills} | {wide} |")
+                     f"{min(fp64)}–{max(fp64)} | {old}{programs} | {spills} | {wide} |")
     return "\n".join(lines) + "\n"
 
 
@@ -104,7 +108,7 @@ def main(argv=None) -> int:
         before = defaultdict(list)
         for op in args.ops:
             for row in compile_rows_at(op, args.before):
-                before[_group(row)].append(row["regs"])
+                before[_group(row)].append((row["regs"], row["fp64_sass"]))
     import triton
 
     command = "python -m benchmarks.tools.triton_aot_report --out " + str(args.out) + \

@@ -9,7 +9,8 @@ benchmarks/tools/triton_aot_report.py start it so). No GPU is needed: triton.com
 GPUTarget produces TTIR, PTX and a cubin.
 
 - Registers and spills: ptxas -v on the kernel's PTX (the ptxas Triton ships), "Used N
-  registers" and the spill stores and loads in bytes; the cubin's stack frame from cuobjdump.
+  registers" and the spill stores and loads in bytes; the cubin's stack frame from cuobjdump;
+  and the static count of fp64 instructions in its SASS (DADD, DMUL, DFMA, conversions).
 - int32 stride products: in the TTIR, every `arith.muli` whose type is i32 and one of whose
   operands comes (through splat, broadcast, expand_dims) from a stride argument (s_o, s_i,
   s_c, s_n, s_l). Such a product overflows past 2**31 elements; a variant launched for large
@@ -57,6 +58,19 @@ def ptxas_usage(ptx: str) -> dict:
                         "spill_stores": int(stores.group(1)) if stores else 0,
                         "spill_loads": int(loads.group(1)) if loads else 0}
     return {"regs": None, "spill_stores": None, "spill_loads": None}
+
+
+_FP64_SASS = re.compile(r"^\s*/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?(DADD|DMUL|DFMA|DSETP|DMNMX|F2F\.F64|F2F\.F32\.F64|I2F\.F64)",
+                        re.M)
+
+
+def fp64_instructions(cubin: bytes) -> int:
+    """fp64 arithmetic and conversions in the machine code (static count, cuobjdump -sass)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+    return len(_FP64_SASS.findall(sass))
 
 
 def cubin_stack(cubin: bytes) -> int | None:
@@ -112,6 +126,7 @@ def compile_variant(kernel, signature: dict, constexprs: dict, arch: int) -> dic
     first_pointer = next(v for v in signature.values() if v.startswith("*"))
     return {"kernel": kernel.__name__, "arch": arch, "x_dtype": first_pointer[1:],
             **ptxas_usage(compiled.asm["ptx"]), "stack": cubin_stack(compiled.asm["cubin"]),
+            "fp64_sass": fp64_instructions(compiled.asm["cubin"]),
             "shared": compiled.metadata.shared, "num_warps": compiled.metadata.num_warps,
             "i32_stride_products": i32_stride_products(compiled.asm["ttir"]),
             "constexprs": {k: v for k, v in constexprs.items()}}
