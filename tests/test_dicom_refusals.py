@@ -189,7 +189,8 @@ def test_a_cine_streams_in_memory_bounded_by_the_batch(tmp_path, ckpt, capsys, m
     peak_long, summary = _peak_bytes(ckpt, capsys, long, tmp_path / "o2")
     assert summary["frames"] == 160 and summary["frames_per_s"] > 0
     assert peak_long < 1.5 * peak_short, (peak_long, peak_short)
-    assert peak_long < decoded / 2, (peak_long, decoded)
+    # and within the memory the tool was told it has (3/4 of the decoded cine): the frames are not all held
+    assert peak_long < decoded * 3 // 4, (peak_long, decoded)
     written = pydicom.dcmread(tmp_path / "o2" / "long.dcm").pixel_array
     assert written.shape == long_frames.shape
     outside = np.ones((192, 192), bool)
