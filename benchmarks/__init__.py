@@ -5,7 +5,7 @@
     conftest.py                 pytest-benchmark setup: size, device, copy bandwidth, timed rows
     common.py                   device and size, timing, copy bandwidth, bytes, the comparison helper
     batch_renorm_cases.py       BatchRenorm shapes, implementations and checks
-    norm_block_cases.py         the norm block against BN2d / renorm + LeakyReLU + Dropout
+    batch_renorm_act_cases.py   the norm block against BN2d / renorm + LeakyReLU + Dropout
     noise_cases.py              speckle-noise shapes, implementations and checks
     ssim_cases.py               SSIM against scikit-image
     train_step_cases.py         one training step of Br-U-Net and D-U-Net

@@ -3,12 +3,14 @@
     pytest benchmarks --benchmark-only                     # small on a CPU, full on a GPU
     SPECKLE_BENCH_SIZE=full pytest benchmarks --benchmark-only --benchmark-json=out.json
     python -m benchmarks.tools.results_report out.json --out DIR         # markdown table + PNG chart
+    SPECKLE_BENCH_JSONL=rows.jsonl pytest benchmarks ...   # also one JSON line a row, as it finishes
 
 Triton must not run under its interpreter here (that is a correctness tool, not a speed):
 the Triton implementations are skipped on CPU tensors whatever TRITON_INTERPRET says.
 """
 from __future__ import annotations
 
+import json
 import os
 from collections import defaultdict
 
@@ -67,12 +69,14 @@ def matmul_rates():
 
 @pytest.fixture
 def timed(benchmark, copy_speed):
-    """timed(group, impl, case_label, fn, nbytes, **extra): times fn() with pedantic rounds
-    (synchronizing inside on a GPU, warm-up rounds first) and records in extra_info the bytes
+    """timed(group, impl, case_label, fn, nbytes, rounds_warmup=None, **extra): times fn() with
+    pedantic rounds (synchronizing inside on a GPU, warm-up rounds first; rounds_warmup overrides
+    the size's (rounds, warm-up rounds)) and records in extra_info the bytes
     the call must move, the achieved GB/s and its fraction of the session's copy bandwidth."""
-    rounds, warmup = rounds_for(SIZE, DEVICE)
+    default = rounds_for(SIZE, DEVICE)
 
-    def run(group, impl, case, fn, nbytes, **extra):
+    def run(group, impl, case, fn, nbytes, *, rounds_warmup=None, **extra):
+        rounds, warmup = rounds_warmup or default
         benchmark.group = group
         benchmark.extra_info.update(
             group=group, impl=impl, case=case, bytes=nbytes, device=device_name(DEVICE),
@@ -91,9 +95,24 @@ def timed(benchmark, copy_speed):
         if stats is not None and nbytes:
             gbps = nbytes / stats.median / 1e9
             benchmark.extra_info.update(gbps=gbps, fraction_of_copy=gbps / copy_speed["gbps"])
+        write_row(benchmark, stats)
         return stats
 
     return run
+
+
+def write_row(benchmark, stats) -> None:
+    """With SPECKLE_BENCH_JSONL set, append the row as one JSON line as soon as it is timed:
+    pytest-benchmark writes its JSON only at exit, which a run cut off at a deadline never
+    reaches (benchmarks/tools/run_gpu.sh)."""
+    path = os.environ.get("SPECKLE_BENCH_JSONL")
+    if not path or stats is None:
+        return
+    row = {"name": benchmark.name, "group": benchmark.group, "extra_info": dict(benchmark.extra_info),
+           "stats": {k: getattr(stats, k) for k in ("median", "min", "mean", "stddev", "rounds")}}
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+        f.flush()
 
 
 def checked_or_skipped(check, *, compiled: bool) -> None:

@@ -15,10 +15,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from speckle_kernels._backend import resolve_backend
+from speckle_kernels._backend import choose_backend
 
 from .common import BATCH, IMAGE, KERNEL_BACKENDS, SMALL_BATCH, SMALL_IMAGE, Unavailable, compile_fresh
-from .norm_block_cases import probe_block_backend
+from .batch_renorm_act_cases import probe_block_backend
 
 TRAIN_IMPLS = ("br-unet-reference", "br-unet-triton", "br-unet-cuda", "br-unet-cpu", "d-unet-batchnorm2d")
 MODES = ("eager", "compiled", "graph")
@@ -42,7 +42,7 @@ def train_model(name: str, device: torch.device):
         return br_unet(norm="reference").to(device), PAPER_HPARAMS["br-unet"]["lr"]
     backend = name.rsplit("-", 1)[1]
     if backend == "fused":
-        backend = resolve_backend("auto", device, has_cpu_ext=True, has_cuda_ext=True)
+        backend = choose_backend("auto", device, has_cpu_ext=True, has_cuda_ext=True)
     if backend not in KERNEL_BACKENDS:
         raise ValueError(f"unknown implementation {name!r}")
     probe_block_backend(backend, device, torch.float32)  # Br-U-Net's norms are blocks (and one renorm)

@@ -3,6 +3,7 @@ from ._backend import HAS_TRITON
 from ._ext import cpu_output_cache_idle_bytes, empty_cpu_output_cache
 from .batch_renorm import batch_renorm
 from .batch_renorm_act import batch_renorm_act
+from .checkpoint_replay import checkpoint_context
 from .layers import (FusedBatchRenorm1d, FusedBatchRenorm2d, FusedBatchRenorm3d, FusedBatchRenormAct1d,
                      FusedBatchRenormAct2d, FusedBatchRenormAct3d)
 from .noise import add_speckle_noise, make_noisy_batch
@@ -23,4 +24,5 @@ __all__ = [
     "FusedBatchRenormAct2d", "FusedBatchRenormAct3d", "RenormSchedule", "RMAX_SCHEDULE", "DMAX_SCHEDULE",
     "SyncFusedBatchRenorm", "SyncFusedBatchRenormAct", "convert_batchrenorm", "convert_sync_batchrenorm",
     "add_speckle_noise", "make_noisy_batch", "cpu_output_cache_idle_bytes", "empty_cpu_output_cache",
+    "checkpoint_context",
 ]

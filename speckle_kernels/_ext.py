@@ -8,7 +8,7 @@ The CPU kernels are obtained, in this order:
          lazily: the first dispatch to a CPU backend, not the import, compiles); a library
          already in the cache is loaded at import. SPECKLE_CPU_JIT=0 turns this off.
 Without either, one warning names what is missing and what it costs; backend="auto" runs the
-reference on CPU tensors and backend="cpu" raises with the reason (_backend.resolve_backend).
+reference on CPU tensors and backend="cpu" raises with the reason (_backend.choose_backend).
 The CUDA extension is ahead of time only; a failure to load it is kept and reported
 (`python -m speckle_kernels`), and warned about where a GPU is present.
 """

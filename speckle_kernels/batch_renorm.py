@@ -4,60 +4,22 @@
                  momentum, eps, r_max, d_max, backend="auto")
 
 One op, one file per backend: batch_renorm_triton.py (Triton kernels, their ops and autograd),
-batch_renorm_ext.py (the C++ CPU and CUDA kernels of csrc/), reference.py (plain torch). The
-equations are in batch_renorm_triton.py's header; the r_max/d_max schedules in schedules.py.
-backend="auto" follows the rule of _backend.py: the CUDA extension, then Triton, on a GPU; the
-C++ kernel on a CPU; else the reference. float64 input runs the reference under "auto".
+batch_renorm_ext.py (the C++ CPU and CUDA kernels of csrc/), reference.py (plain torch). What
+every backend shares (the equations, the argument checks, the stats rows) is
+batch_renorm_contract.py; the r_max/d_max schedules are schedules.py's. backend="auto" follows
+the rule of _backend.py: the CUDA extension, then Triton, on a GPU; the C++ kernel on a CPU;
+else the reference. float64 input runs the reference under "auto".
 """
 from __future__ import annotations
 
 import torch
 
-from . import _ext, batch_renorm_ext, batch_renorm_triton
-from ._backend import resolve_backend
+from . import batch_renorm_ext, batch_renorm_triton
+from ._backend import choose_backend
+from .batch_renorm_contract import check_inputs
 from .schedules import DMAX_SCHEDULE, RMAX_SCHEDULE, RenormSchedule
 
-__all__ = ["batch_renorm", "check_inputs", "choose_backend"]
-
-
-def check_inputs(x, running_mean, running_std, num_batches_tracked, weight, bias, momentum, eps):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"expected a torch.Tensor input, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"expected a floating-point input, got dtype {x.dtype}")
-    if x.dim() < 2:
-        raise ValueError(f"expected an input of at least 2 dimensions (N, C, ...), got {x.dim()}D input")
-    if x.numel() == 0:
-        raise ValueError(f"expected a non-empty input, got shape {tuple(x.shape)}")
-    C = x.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_std", running_std),
-                    ("weight", weight), ("bias", bias)):
-        if t is None and name in ("weight", "bias"):
-            continue
-        if t.shape != (C,):
-            raise ValueError(f"expected {name} of shape ({C},) for an input with {C} channels, "
-                             f"got {tuple(t.shape)}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but the input is on {x.device}")
-    if num_batches_tracked.numel() != 1 or num_batches_tracked.dtype != torch.long:
-        raise ValueError("num_batches_tracked must be a one-element int64 tensor, got "
-                         f"{num_batches_tracked.dtype} of shape {tuple(num_batches_tracked.shape)}")
-    if not 0.0 <= float(momentum) <= 1.0:
-        raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
-    if not float(eps) >= 0.0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-
-
-def choose_backend(backend: str, x: torch.Tensor) -> str:
-    """The backend that runs x: _backend.resolve_backend's rule with the extensions built here;
-    float64 runs the reference under "auto" and is refused by a fused backend asked for."""
-    chosen = resolve_backend(backend, x.device, has_cpu_ext=_ext.HAS_CPU_EXT,
-                             has_cuda_ext=_ext.HAS_CUDA_EXT)
-    if chosen != "reference" and x.dtype == torch.float64:
-        if backend != "auto":
-            raise TypeError(f"backend={backend!r} supports float32, float16 and bfloat16, got {x.dtype}")
-        chosen = "reference"
-    return chosen
+__all__ = ["batch_renorm"]
 
 
 def batch_renorm(
@@ -81,7 +43,7 @@ def batch_renorm(
     "triton", "cuda", "cpu" or "reference".
     """
     check_inputs(x, running_mean, running_std, num_batches_tracked, weight, bias, momentum, eps)
-    chosen = choose_backend(backend, x)
+    chosen = choose_backend(backend, x.device, x.dtype)
     if chosen == "reference":
         from .reference import batch_renorm_reference
         return batch_renorm_reference(x, running_mean, running_std, num_batches_tracked, weight, bias,

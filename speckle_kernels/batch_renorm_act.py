@@ -5,7 +5,8 @@ dispatcher.
                      training, momentum, eps, r_max, d_max, activation="leaky_relu",
                      negative_slope=0.1, dropout=0.0, rng=None, backend="auto")
 
-The contract (activations, the dropout mask stream, the rng state) is norm_block.py's; the
+The contract (activations, the dropout mask stream, the rng state) is
+batch_renorm_act_contract.py's; the
 BatchRenorm part is batch_renorm()'s, with the same backends: batch_renorm_act_triton.py,
 batch_renorm_act_ext.py (the C++ CPU and CUDA kernels), reference.py. Each fused backend runs
 the statistics pass, then one pass that writes y (forward); the backward regenerates the mask
@@ -16,11 +17,28 @@ from __future__ import annotations
 import torch
 
 from . import batch_renorm_act_ext, batch_renorm_act_triton
-from .batch_renorm import check_inputs, choose_backend
-from .norm_block import ACTIVATION_CODES, check_block_args, check_rng, mask_is_active
+from ._backend import choose_backend
+from .batch_renorm_act_contract import ACTIVATION_CODES, check_block_args, check_rng, mask_is_active
+from .batch_renorm_contract import check_inputs
 from .schedules import DMAX_SCHEDULE, RMAX_SCHEDULE, RenormSchedule
 
 __all__ = ["batch_renorm_act"]
+
+
+_UNREAD_RNG: dict = {}
+
+
+def _unread_rng(device: torch.device) -> torch.Tensor:
+    """The kernels' rng argument where no mask is drawn (never read): one int64 (2,) tensor a
+    device, made once, so that a call without dropout allocates nothing for it."""
+    if torch.compiler.is_compiling():
+        return torch.zeros(2, dtype=torch.int64, device=device)
+    rng = _UNREAD_RNG.get(device)
+    if rng is None:
+        rng = torch.zeros(2, dtype=torch.int64, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _UNREAD_RNG[device] = rng  # not a tensor of a graph's private pool
+    return rng
 
 
 def batch_renorm_act(
@@ -55,8 +73,8 @@ def batch_renorm_act(
     elif mask_is_active(training, dropout):
         raise ValueError(f"dropout={dropout} in training needs rng, the (seed, offset) int64 tensor")
     else:
-        rng = torch.zeros(2, dtype=torch.int64, device=x.device)  # unread: no mask
-    chosen = choose_backend(backend, x)
+        rng = _unread_rng(x.device)
+    chosen = choose_backend(backend, x.device, x.dtype)
     common = dict(training=bool(training), momentum=float(momentum), eps=float(eps), r_max=r_max, d_max=d_max)
     if chosen == "reference":
         from .reference import batch_renorm_act_reference

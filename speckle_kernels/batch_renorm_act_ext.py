@@ -13,9 +13,8 @@ from __future__ import annotations
 import torch
 
 from . import _ext
-from ._backend import kernel_input
-from .batch_renorm_ext import N_STATS
-from .norm_block import ACTIVATION_CODES, dropout_keep_mask, dropout_scale
+from .batch_renorm_act_contract import dropout_keep_mask, keep_scale, negative_side_slope
+from .batch_renorm_contract import N_STATS, STAT_MEAN_OFFSET, STAT_PIVOT, STAT_SCALE, STAT_SHIFT, kernel_input
 from .schedules import RenormSchedule
 
 
@@ -49,22 +48,18 @@ class BatchRenormActExtFunction(torch.autograd.Function):
         return (dx, dweight, dbias) + (None,) * 12
 
 
-# Stats rows the decomposed apply reads (csrc/include/batch_renorm_math.h's StatRow).
-_PIVOT, _OFFSET, _SCALE, _SHIFT = 0, 1, 6, 7
-
-
 def apply_block_pointwise(x, stats, activation: int, negative_slope: float, dropout: float, rng):
     """The forward's element pass in plain torch ops (the kernels' arithmetic, fp32):
     what Inductor can fuse with its neighbours."""
     view = [1, x.shape[1]] + [1] * (x.dim() - 2)
     row = lambda k: stats[k].view(view)  # noqa: E731
-    z = ((x.float() - row(_PIVOT)) - row(_OFFSET)) * row(_SCALE) + row(_SHIFT)
-    if activation != ACTIVATION_CODES["identity"]:
-        slope = 0.0 if activation == ACTIVATION_CODES["relu"] else negative_slope
+    z = ((x.float() - row(STAT_PIVOT)) - row(STAT_MEAN_OFFSET)) * row(STAT_SCALE) + row(STAT_SHIFT)
+    slope = negative_side_slope(activation, negative_slope)
+    if slope != 1.0:
         z = torch.where(z > 0, z, z * slope)
     if dropout > 0.0:
         keep = dropout_keep_mask(tuple(x.shape), dropout, seed=rng[0], offset=rng[1], device=x.device)
-        z = torch.where(keep, z * dropout_scale(dropout), torch.zeros_like(z))
+        z = torch.where(keep, z * keep_scale(dropout), torch.zeros_like(z))
     return z.to(x.dtype)
 
 

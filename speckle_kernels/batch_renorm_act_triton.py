@@ -1,8 +1,8 @@
 """The norm block y = dropout(act(batch_renorm(x))) in Triton: one element kernel, its
-launchers, the torch.library ops with their autograd, and its ahead-of-time variant list.
+launchers, the torch.library ops with their autograd (the contract: batch_renorm_act_contract.py).
 
-BatchRenorm's statistics pass and both finalize kernels are batch_renorm_triton.py's (imported,
-not copied); what is new is the element pass, in three modes of one kernel:
+BatchRenorm's statistics pass and both finalize kernels are batch_renorm_triton.py's (its public
+launchers, not copied); what is new is the element pass, in three modes of one kernel:
 
     forward   z = ((x - pivot) - offset)*scale + shift            (the rows of the stats)
               y = keep ? act(z)*keep_scale : 0                      one read of x, one write
@@ -16,14 +16,14 @@ same slope; dropout only when training and p > 0, keep_scale = float32(1/(1-p)).
 weight, the stats and the rng tensor is saved: the backward regenerates the mask and z, so the
 block costs BatchRenorm's traffic and no mask or pre-activation tensor.
 
-The mask stream (reference.dropout_keep_mask): the element of row-major logical index j has
-e = offset + j; Philox4x32-10 of counter (q lo, q hi, 0, 2), q = e >> 2, key seed, gives four
-words, e takes word e & 3, kept iff uniform(word) >= float32(p). seed and offset are read from
-the int64 rng tensor (2,) on the device: no host sync, CUDA-graph capturable.
+The mask stream (batch_renorm_act_contract.py): the element of row-major logical index j has
+e = offset + j; Philox4x32-10 of counter (q lo, q hi, 0, STREAM_DROPOUT), q = e >> 2, key seed,
+gives four words, e takes word e & 3, kept iff uniform(word) >= float32(p). seed and offset are
+read from the int64 rng tensor (2,) on the device: no host sync, CUDA-graph capturable.
 
 Tiles: x is viewed as (N, L, C) (L = the spatial size) with strides (s_n, s_l, s_c), for both
 layouts; a tile is one n, BLOCK_I consecutive l and BLOCK_C channels, l along the contiguous
-axis (last axis contiguous, first axis channels_last) as in batch_renorm_triton. Along l the
+axis (last axis contiguous, first axis channels_last) as triton_common.py says. Along l the
 logical index is consecutive, so e = base_e(n, c) + l. Two ways to draw the mask:
   - per element (QUADS off): one Philox call per element, keeping word e & 3. ~100 integer ops
     an element: a bf16 block (4 bytes an element of traffic) is then compute-bound on a GPU.
@@ -39,29 +39,25 @@ from typing import List, Optional
 
 import torch
 
-from ._backend import HAS_TRITON, kernel_input
-from .batch_renorm_triton import (AFFINE_NUM_WARPS, FINALIZE_BLOCK_C, FINALIZE_BLOCK_P, N_GRADS, SUMS_NUM_WARPS, TILE_ELEMENTS,
-                                  _cdiv, _next_power_of_2,
-                                  _normalize_grads, _programs_for_reduction,
-                                  batch_renorm_statistics, batch_renorm_triton_statistics)
+from . import triton_common as tc
+from ._backend import HAS_TRITON
+from .batch_renorm_act_contract import keep_scale, negative_side_slope
+from .batch_renorm_contract import N_GRADS, kernel_input
+from .batch_renorm_triton import (backward_finalize, batch_renorm_statistics, batch_renorm_triton_statistics,
+                                  normalize_grads)
 from .schedules import RenormSchedule
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .batch_renorm_triton import (_GRAD_A, _batch_renorm_backward_finalize_kernel, _GRAD_B, _GRAD_MEAN_DY, _STAT_MEAN_OFFSET, _STAT_PIVOT,
-                                      _STAT_SCALE, _STAT_SHIFT, _per_channel, _tile_sum)
-    from .noise_triton import _uniform
+    from .triton_common import (DROPOUT_STREAM, ROW_GRAD_A, ROW_GRAD_B, ROW_GRAD_MEAN_DY, ROW_MEAN_OFFSET,
+                                ROW_PIVOT, ROW_SCALE, ROW_SHIFT, per_channel, tile_sum, uniform)
 
-ACTIVATION_IDENTITY, ACTIVATION_RELU, ACTIVATION_LEAKY_RELU = range(3)
 MODE_FORWARD, MODE_SUMS, MODE_DX = range(3)
-MASK_STREAM = 2     # counter word c3 of the dropout mask (the noise streams use 0 and 1)
 QUAD_MIN_L = 8      # shorter rows waste most of a shifted tile: one Philox call an element there
 
 if HAS_TRITON:
-    _MASK_STREAM = tl.constexpr(MASK_STREAM)
-
     @triton.jit
     def _along_l(v, CHANNELS_LAST: tl.constexpr):
         # a (BLOCK_I,) vector laid along the tile's l axis
@@ -72,11 +68,20 @@ if HAS_TRITON:
         return out
 
     @triton.jit
+    def block_offsets(n, l, ch, s_n, s_l, s_c, INDEX_64: tl.constexpr):
+        # element offsets of (n, l, c); INDEX_64 widens each index before it meets its stride
+        if INDEX_64:
+            offs = n.to(tl.int64) * s_n + l.to(tl.int64) * s_l + ch.to(tl.int64) * s_c
+        else:
+            offs = n * s_n + l * s_l + ch * s_c
+        return offs
+
+    @triton.jit
     def _mask_words(q):
         # The four Philox words of quad counters q (int64 >= 0); the key is bound by the caller.
         lo = q.to(tl.uint32)  # truncates to the low word
         hi = (q >> 32).to(tl.uint32)
-        return lo, hi, lo * 0, lo * 0 + _MASK_STREAM
+        return lo, hi, lo * 0, lo * 0 + DROPOUT_STREAM
 
     @triton.jit
     def _keep_per_element(seed, e, p):
@@ -85,7 +90,7 @@ if HAS_TRITON:
         w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3)
         sel = e & 3
         word = tl.where(sel == 0, w0, tl.where(sel == 1, w1, tl.where(sel == 2, w2, w3)))
-        return _uniform(word) >= p
+        return uniform(word) >= p
 
     @triton.jit
     def _keep_per_quad(seed, q0, p, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -97,7 +102,7 @@ if HAS_TRITON:
         c0, c1, c2, c3 = _mask_words(q)
         w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3)
         words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_C, BLOCK_I))
-        u = _uniform(words)
+        u = uniform(words)
         if CHANNELS_LAST:
             u = tl.trans(u)
         return u >= p
@@ -112,8 +117,11 @@ if HAS_TRITON:
         # offset (0 where masked) and v: forward y, backward g (0 where masked).
         cmask = c1 < C
         n = t // n_l_blocks
-        l0 = (t - n * n_l_blocks) * BLOCK_I
-        ch = _per_channel(c1, CHANNELS_LAST)
+        l0 = t - n * n_l_blocks
+        if INDEX_64:  # l0 * BLOCK_I and the element offsets in int64 (block_offsets)
+            l0 = l0.to(tl.int64)
+        l0 = l0 * BLOCK_I
+        ch = per_channel(c1, CHANNELS_LAST)
         k = _along_l(tl.arange(0, BLOCK_I), CHANNELS_LAST)
         if DROPOUT:
             seed = tl.load(rng_ptr)
@@ -123,22 +131,19 @@ if HAS_TRITON:
                 shift = (base_e & 3).to(tl.int32)       # row start in e, past a multiple of 4
                 keep = _keep_per_quad(seed, (base_e - shift + l0) >> 2, p, CHANNELS_LAST,
                                       BLOCK_C, BLOCK_I)
-                l = l0 + k - _per_channel(shift, CHANNELS_LAST)
+                l = l0 + k - per_channel(shift, CHANNELS_LAST)
             else:
                 l = l0 + k
-                keep = _keep_per_element(seed, _per_channel(base_e, CHANNELS_LAST) + l, p)
+                keep = _keep_per_element(seed, per_channel(base_e, CHANNELS_LAST) + l, p)
         else:
             l = l0 + k
         m = (l >= 0) & (l < L) & (ch < C)
-        if INDEX_64:
-            offs = n.to(tl.int64) * s_n + l.to(tl.int64) * s_l + ch.to(tl.int64) * s_c
-        else:
-            offs = n * s_n + l * s_l + ch * s_c
-        pivot = _per_channel(tl.load(stats_ptr + _STAT_PIVOT * C + c1, mask=cmask, other=0.0), CHANNELS_LAST)
-        offset = _per_channel(tl.load(stats_ptr + _STAT_MEAN_OFFSET * C + c1, mask=cmask, other=0.0),
+        offs = block_offsets(n, l, ch, s_n, s_l, s_c, INDEX_64)
+        pivot = per_channel(tl.load(stats_ptr + ROW_PIVOT * C + c1, mask=cmask, other=0.0), CHANNELS_LAST)
+        offset = per_channel(tl.load(stats_ptr + ROW_MEAN_OFFSET * C + c1, mask=cmask, other=0.0),
                               CHANNELS_LAST)
-        scale = _per_channel(tl.load(stats_ptr + _STAT_SCALE * C + c1, mask=cmask, other=0.0), CHANNELS_LAST)
-        shift_z = _per_channel(tl.load(stats_ptr + _STAT_SHIFT * C + c1, mask=cmask, other=0.0),
+        scale = per_channel(tl.load(stats_ptr + ROW_SCALE * C + c1, mask=cmask, other=0.0), CHANNELS_LAST)
+        shift_z = per_channel(tl.load(stats_ptr + ROW_SHIFT * C + c1, mask=cmask, other=0.0),
                                CHANNELS_LAST)
         # centre first, as batch_renorm_triton's affine: exact for data far from zero
         u = tl.where(m, (tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) - pivot) - offset, 0.0)
@@ -154,8 +159,8 @@ if HAS_TRITON:
             v = tl.where(z > 0.0, v, v * slope)
         return offs, m, u, v
 
-    @triton.jit
-    def _norm_block_kernel(
+    @triton.jit(do_not_specialize=["n_l_blocks", "n_tiles", "tiles_per_program"])  # loop shape only
+    def batch_renorm_act_kernel(
         x_ptr, dy_ptr, out_ptr,  # (N, L, C) strided, one set of strides; out: y (forward) or dx
         stats_ptr,    # (8, C) fp32, batch_renorm_triton's STAT_* rows
         grads_ptr,    # (5, C) fp32 GRAD_* rows (MODE_DX)
@@ -181,8 +186,8 @@ if HAS_TRITON:
                 _, _, u, g = _block_tile(t, c1, x_ptr, dy_ptr, stats_ptr, rng_ptr, C, L, n_l_blocks,
                                          s_n, s_l, s_c, p, keep_scale, slope, MODE, DROPOUT, QUADS,
                                          CHANNELS_LAST, INDEX_64, BLOCK_C, BLOCK_I)
-                acc_g += _tile_sum(g, CHANNELS_LAST)
-                acc_gu += _tile_sum(g * u, CHANNELS_LAST)
+                acc_g += tile_sum(g, CHANNELS_LAST)
+                acc_gu += tile_sum(g * u, CHANNELS_LAST)
             cmask = c1 < C
             tl.store(partial_ptr + pid * C + c1, acc_g, mask=cmask)
             tl.store(partial_ptr + (tl.num_programs(0) + pid) * C + c1, acc_gu, mask=cmask)
@@ -192,20 +197,15 @@ if HAS_TRITON:
                                         CHANNELS_LAST, INDEX_64, BLOCK_C, BLOCK_I)
             if MODE == 2:
                 cmask = c1 < C
-                coef_b = tl.load(grads_ptr + _GRAD_B * C + c1, mask=cmask, other=0.0)
-                coef_a = tl.load(grads_ptr + _GRAD_A * C + c1, mask=cmask, other=0.0)
-                mean_g = tl.load(grads_ptr + _GRAD_MEAN_DY * C + c1, mask=cmask, other=0.0)
-                v = u * _per_channel(coef_b, CHANNELS_LAST) + \
-                    (v - _per_channel(mean_g, CHANNELS_LAST)) * _per_channel(coef_a, CHANNELS_LAST)
+                coef_b = tl.load(grads_ptr + ROW_GRAD_B * C + c1, mask=cmask, other=0.0)
+                coef_a = tl.load(grads_ptr + ROW_GRAD_A * C + c1, mask=cmask, other=0.0)
+                mean_g = tl.load(grads_ptr + ROW_GRAD_MEAN_DY * C + c1, mask=cmask, other=0.0)
+                v = u * per_channel(coef_b, CHANNELS_LAST) + \
+                    (v - per_channel(mean_g, CHANNELS_LAST)) * per_channel(coef_a, CHANNELS_LAST)
             tl.store(out_ptr + offs, v, mask=m)
 
 
 # ----------------------------------------------------------------------------- host side
-
-def negative_side_slope(activation: int, negative_slope: float) -> float:
-    """act'(z) where z <= 0: relu is leaky_relu with slope 0, identity has slope 1."""
-    return {ACTIVATION_IDENTITY: 1.0, ACTIVATION_RELU: 0.0}.get(activation, float(negative_slope))
-
 
 class _BlockLayout:
     """x (as kernel_input gives it) viewed as (N, L, C) with element strides, and its tiles."""
@@ -220,21 +220,23 @@ class _BlockLayout:
         self.quads = quads and L >= QUAD_MIN_L
         span = L + 3 if self.quads else L     # shifted rows reach 3 tiles' positions further
         if self.channels_last:
-            self.block_c = min(_next_power_of_2(c), 128)
-            self.block_i = min(max(TILE_ELEMENTS // self.block_c, 4), _next_power_of_2(span))
+            self.block_c = min(tc.next_power_of_2(c), 128)
+            self.block_i = min(max(tc.TILE_ELEMENTS // self.block_c, 4), tc.next_power_of_2(span))
         else:
-            self.block_i = min(_next_power_of_2(span), TILE_ELEMENTS)
-            self.block_c = min(max(TILE_ELEMENTS // self.block_i, 1), _next_power_of_2(c))
+            self.block_i = min(tc.next_power_of_2(span), tc.TILE_ELEMENTS)
+            self.block_c = min(max(tc.TILE_ELEMENTS // self.block_i, 1), tc.next_power_of_2(c))
         if self.quads:
             self.block_i = max(self.block_i, 4)
-        self.n_l_blocks = _cdiv(span, self.block_i)
+        self.n_l_blocks = tc.cdiv(span, self.block_i)
         self.n_tiles = n * self.n_l_blocks
-        self.c_blocks = _cdiv(c, self.block_c)
-        self.index_64 = x.numel() >= 2**31 - TILE_ELEMENTS
+        self.c_blocks = tc.cdiv(c, self.block_c)
+        s_n, s_l, s_c = self.strides
+        self.index_64 = tc.needs_index_64((n - 1, s_n), (self.n_l_blocks * self.block_i - 1, s_l),
+                                          (self.c_blocks * self.block_c - 1, s_c))
 
     def launch(self, mode, x, dy, out, stats, grads, partial, rng, *, programs, tiles_per_program,
                dropout, keep_scale, slope):
-        _norm_block_kernel[(programs, self.c_blocks)](
+        batch_renorm_act_kernel[(programs, self.c_blocks)](
             x, dy if dy is not None else x, out if out is not None else x, stats,
             grads if grads is not None else stats, partial if partial is not None else stats, rng,
             self.C, self.L, self.n_l_blocks, self.n_tiles, tiles_per_program, *self.strides,
@@ -242,12 +244,7 @@ class _BlockLayout:
             MODE=mode, DROPOUT=dropout > 0.0, QUADS=self.quads and dropout > 0.0,
             CHANNELS_LAST=self.channels_last, INDEX_64=self.index_64,
             BLOCK_C=self.block_c, BLOCK_I=self.block_i,
-            num_warps=SUMS_NUM_WARPS if mode == MODE_SUMS else AFFINE_NUM_WARPS)
-
-
-def _keep_scale(p: float) -> float:
-    # float32(1 / (1 - p)) as nn.Dropout; the kernel argument is fp32 anyway
-    return float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32))
+            num_warps=tc.SUMS_NUM_WARPS if mode == MODE_SUMS else tc.AFFINE_NUM_WARPS)
 
 
 def _active_dropout(training: bool, dropout: float) -> float:
@@ -260,7 +257,7 @@ def block_forward(x, stats, rng, *, training: bool, slope: float, dropout: float
     layout = _BlockLayout(x, quads)
     y = torch.empty_like(layout.tensor)
     layout.launch(MODE_FORWARD, layout.tensor, None, y, stats, None, None, rng, programs=layout.n_tiles,
-                  tiles_per_program=1, dropout=p, keep_scale=_keep_scale(p), slope=slope)
+                  tiles_per_program=1, dropout=p, keep_scale=keep_scale(p), slope=slope)
     return y
 
 
@@ -271,16 +268,12 @@ def block_backward(dy, x, weight, stats, rng, *, training: bool, slope: float, d
     layout = _BlockLayout(x, quads)
     x = layout.tensor
     dy = dy if dy.stride() == x.stride() else torch.empty_like(x).copy_(dy)
-    common = dict(dropout=p, keep_scale=_keep_scale(p), slope=slope)
-    programs, tiles_per_program = _programs_for_reduction(layout, x.device)
+    common = dict(dropout=p, keep_scale=keep_scale(p), slope=slope)
+    programs, tiles_per_program = tc.programs_for_reduction(layout.n_tiles, layout.c_blocks, x.device)
     partial = torch.empty((2, programs, layout.C), device=x.device, dtype=torch.float64)
     layout.launch(MODE_SUMS, x, dy, None, stats, None, partial, rng, programs=programs,
                   tiles_per_program=tiles_per_program, **common)
-    grads = torch.empty((N_GRADS, layout.C), device=x.device, dtype=torch.float32)
-    _batch_renorm_backward_finalize_kernel[(_cdiv(layout.C, FINALIZE_BLOCK_C),)](
-        partial, weight if weight is not None else stats, stats, grads, programs, layout.C,
-        float(x.numel() // layout.C), TRAINING=training, HAS_WEIGHT=weight is not None,
-        BLOCK_C=FINALIZE_BLOCK_C, BLOCK_P=FINALIZE_BLOCK_P)
+    grads = backward_finalize(partial, weight, stats, x.numel() // layout.C, training=training)
     dx = torch.empty_like(x)
     layout.launch(MODE_DX, x, dy, dx, stats, grads, None, rng, programs=layout.n_tiles,
                   tiles_per_program=1, **common)
@@ -319,14 +312,14 @@ def _(dy, x, weight, stats, training, slope, dropout, rng):
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, stats, training, slope, dropout, rng = inputs
-    ctx.save_for_backward(x, weight, stats, rng)  # _normalize_grads reads the first three
+    ctx.save_for_backward(x, weight, stats, rng)  # normalize_grads reads the first three
     ctx.training, ctx.slope, ctx.dropout, ctx.has_bias = training, slope, dropout, bias is not None
 
 
 def _block_grads(ctx, dy, backward):
-    rng = ctx.saved_tensors[3]
-    grads = _normalize_grads(ctx, dy, lambda dy, x, weight, stats, training: backward(
-        dy, x, weight, stats, training, ctx.slope, ctx.dropout, rng))
+    saved = ctx.saved_tensors  # once: a non-reentrant checkpoint unpacks each saved tensor once
+    grads = normalize_grads(ctx, dy, lambda dy, x, weight, stats, training: backward(
+        dy, x, weight, stats, training, ctx.slope, ctx.dropout, saved[3]), saved)
     return grads + (None, None, None)  # slope, dropout, rng
 
 
@@ -351,30 +344,12 @@ class _EagerBlock(torch.autograd.Function):
         return _block_grads(ctx, dy, _eager_backward)
 
 
-def check_block_args(x: torch.Tensor, activation: int, negative_slope: float, dropout: float,
-                     rng: torch.Tensor) -> None:
-    """The block's own arguments (BatchRenorm's are checked by batch_renorm.py's rules)."""
-    if activation not in (ACTIVATION_IDENTITY, ACTIVATION_RELU, ACTIVATION_LEAKY_RELU):
-        raise ValueError(f"activation must be 0 (identity), 1 (relu) or 2 (leaky_relu), got {activation!r}")
-    if not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"dropout must lie in [0, 1), got {dropout!r}")
-    if float(negative_slope) != float(negative_slope):
-        raise ValueError(f"negative_slope must be a number, got {negative_slope!r}")
-    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.int64 or rng.shape != (2,):
-        raise TypeError("rng must be an int64 tensor of shape (2,) holding (seed, offset), got "
-                        + (f"{rng.dtype} of shape {tuple(rng.shape)}" if isinstance(rng, torch.Tensor)
-                           else type(rng).__name__))
-    if rng.device != x.device:
-        raise ValueError(f"rng is on {rng.device} but the input is on {x.device}")
-
-
 def batch_renorm_act(x, weight, bias, running_mean, running_std, num_batches_tracked, *,
                      training: bool, momentum: float, eps: float, r_max: RenormSchedule, d_max: RenormSchedule,
                      activation: int, negative_slope: float, dropout: float, rng: torch.Tensor) -> torch.Tensor:
     """dropout(act(batch_renorm(x))) through the Triton kernels; differentiable in x, weight and
     bias; updates the running buffers in place when training. rng (int64 (2,): seed, offset, on
     x's device) is read on the device and never modified: pass a snapshot of a changing one."""
-    check_block_args(x, activation, negative_slope, dropout, rng)
     slope = negative_side_slope(activation, negative_slope)
     detach = (lambda t: t.detach() if t is not None else None)
     if torch.compiler.is_compiling():
@@ -387,26 +362,3 @@ def batch_renorm_act(x, weight, bias, running_mean, running_std, num_batches_tra
                                         running_std, num_batches_tracked, training=training,
                                         momentum=float(momentum), eps=float(eps), r_max=r_max, d_max=d_max)
     return _EagerBlock.apply(x, weight, bias, stats, training, slope, float(dropout), rng)
-
-
-def aot_variants():
-    """(kernel, signature, constexprs) of every specialization the launchers make, for the
-    ahead-of-time compile test (tests/aot_compile.py, sm_80 and sm_90)."""
-    variants = []
-    for dtype in ("fp32", "fp16", "bf16"):
-        for channels_last in (False, True):
-            for index_64 in (False, True):
-                blocks = dict(BLOCK_C=128, BLOCK_I=16) if channels_last else dict(BLOCK_C=1, BLOCK_I=2048)
-                sig = dict(x_ptr=f"*{dtype}", dy_ptr=f"*{dtype}", out_ptr=f"*{dtype}", stats_ptr="*fp32",
-                           grads_ptr="*fp32", partial_ptr="*fp64", rng_ptr="*i64",
-                           C="i32", L="i32", n_l_blocks="i32", n_tiles="i32", tiles_per_program="i32",
-                           s_n="i64" if index_64 else "i32", s_l="i32", s_c="i32",
-                           p="fp32", keep_scale="fp32", slope="fp32",
-                           **{k: "constexpr" for k in ("MODE", "DROPOUT", "QUADS", "CHANNELS_LAST",
-                                                       "INDEX_64", "BLOCK_C", "BLOCK_I")})
-                for mode in (MODE_FORWARD, MODE_SUMS, MODE_DX):
-                    for dropout, quads in ((False, False), (True, False), (True, True)):
-                        variants.append((_norm_block_kernel, sig, dict(
-                            MODE=mode, DROPOUT=dropout, QUADS=quads, CHANNELS_LAST=channels_last,
-                            INDEX_64=index_64, **blocks)))
-    return variants

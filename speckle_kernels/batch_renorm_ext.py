@@ -4,17 +4,15 @@ their autograd glue and fake kernels.
 The ops: batch_renorm_forward(x, weight?, bias?, running_mean!, running_std!,
 num_batches_tracked!, training, momentum, eps, r_max[4], d_max[4]) -> (y, stats (8, C) fp32)
 updates the running buffers on the device; batch_renorm_backward(dy, x, weight?, stats,
-training) -> (dx, dweight, dbias). The math is that of batch_renorm_triton.py's header.
+training) -> (dx, dweight, dbias). The math and the stats rows are batch_renorm_contract.py's.
 """
 from __future__ import annotations
 
 import torch
 
 from . import _ext
-from ._backend import kernel_input
+from .batch_renorm_contract import N_STATS, kernel_input
 from .schedules import RenormSchedule
-
-N_STATS = 8  # rows of the saved per-channel statistics (csrc/include/batch_renorm_math.h)
 
 
 class BatchRenormExtFunction(torch.autograd.Function):

@@ -5,8 +5,15 @@ Same constructor, parameter and buffer names (weight, bias, running_mean, runnin
 num_batches_tracked) as github.com/ludvb/batchrenorm, so state_dicts move both ways (and a
 FusedBatchRenorm2d state_dict loads into a FusedBatchRenormAct2d). The modules own parameters
 and buffers and call `batch_renorm` / `batch_renorm_act`; the kernels live elsewhere.
+
+Under activation checkpointing (torch.utils.checkpoint, either mode) a recompute sees its
+forward's buffers and mask and updates nothing (checkpoint_replay.py): checkpointed and plain
+training give the same outputs, gradients and buffers. The dropout mask of each training call
+is keyed by a (seed, offset) drawn from torch's generator of the input's device.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
@@ -14,7 +21,8 @@ from torch import nn
 from ._backend import check_backend_name
 from .batch_renorm import batch_renorm
 from .batch_renorm_act import batch_renorm_act
-from .norm_block import check_block_args, new_rng
+from .batch_renorm_act_contract import check_block_args, draw_rng
+from .checkpoint_replay import RecomputeReplay
 from .schedules import DMAX_SCHEDULE, RMAX_SCHEDULE, RenormSchedule
 
 
@@ -56,6 +64,18 @@ class _FusedBatchRenorm(nn.Module):
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
+        self._replay = RecomputeReplay()
+
+    def running_buffers(self):
+        """(running_mean, running_std, num_batches_tracked) as this call reads and updates them:
+        the module's own, or in a checkpoint's recompute scratch copies of its forward's
+        (checkpoint_replay.py)."""
+        own = (self.running_mean, self.running_std, self.num_batches_tracked)
+        return self._replay.buffers(*own) if self.training else own
+
+    def _apply(self, fn, *args, **kwargs):
+        self._replay.clear()  # snapshots on the old device or dtype would be replayed wrongly
+        return super()._apply(fn, *args, **kwargs)
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -70,8 +90,7 @@ class _FusedBatchRenorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
         return batch_renorm(
-            x, self.running_mean, self.running_std, self.num_batches_tracked,
-            self.weight, self.bias, training=self.training, momentum=self.momentum, eps=self.eps,
+            x, *self.running_buffers(), self.weight, self.bias, training=self.training, momentum=self.momentum, eps=self.eps,
             r_max=self.r_max, d_max=self.d_max, backend=self.backend)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -103,9 +122,9 @@ class FusedBatchRenorm3d(_FusedBatchRenorm):
 
 
 class _FusedBatchRenormAct(_FusedBatchRenorm):
-    """BatchRenorm -> activation -> dropout. With dropout > 0 the module keeps the mask stream's
-    (seed, offset) in the buffer `dropout_rng` (seed drawn from torch's default generator unless
-    given) and advances the offset on the device after each training call."""
+    """BatchRenorm -> activation -> dropout. With dropout > 0 each training call draws its
+    mask's (seed, offset) from torch's generator of the input's device, as nn.Dropout draws its
+    mask: torch.manual_seed reproduces it, and a checkpoint's recompute redraws the same one."""
 
     def __init__(self, num_features: int, eps: float = 1e-3, momentum: float = 0.01,
                  affine: bool = True, *, activation: str = "leaky_relu", negative_slope: float = 0.1,
@@ -116,33 +135,26 @@ class _FusedBatchRenormAct(_FusedBatchRenorm):
         self.activation = activation
         self.negative_slope = float(negative_slope)
         self.dropout = float(dropout)
-        if self.dropout > 0.0:
-            self.register_buffer("dropout_rng", new_rng(seed))
-        else:
-            self.dropout_rng = None
+        if seed is not None:
+            warnings.warn("FusedBatchRenormAct*d(seed=...) is ignored: each training call draws its "
+                          "dropout mask from torch's generator (seed it with torch.manual_seed)",
+                          FutureWarning, stacklevel=3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
-        masking = self.training and self.dropout > 0.0
-        # The op reads a snapshot; the buffer moves on by this call's element count (on the
-        # device, so the step stays capturable in a CUDA graph).
-        rng = self.dropout_rng.clone() if masking else None
-        y = batch_renorm_act(
-            x, self.running_mean, self.running_std, self.num_batches_tracked, self.weight, self.bias,
+        # drawn before the buffers are chosen, in the forward and in a recompute alike
+        rng = draw_rng(x.device) if self.training and self.dropout > 0.0 else None
+        return batch_renorm_act(
+            x, *self.running_buffers(), self.weight, self.bias,
             training=self.training, momentum=self.momentum, eps=self.eps, r_max=self.r_max,
             d_max=self.d_max, activation=self.activation, negative_slope=self.negative_slope,
             dropout=self.dropout, rng=rng, backend=self.backend)
-        if masking:
-            self.dropout_rng[1:].add_(x.numel())
-        return y
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        # A FusedBatchRenorm*d state_dict has no mask stream: keep this module's own.
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        if prefix + "dropout_rng" in missing_keys:
-            missing_keys.remove(prefix + "dropout_rng")
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Until 2026-12 a module with dropout kept its mask stream in a `dropout_rng` buffer:
+        # such a state_dict still loads (strictly), the retired buffer ignored.
+        state_dict.pop(prefix + "dropout_rng", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         act = self.activation + (f"({self.negative_slope:g})" if self.activation == "leaky_relu" else "")

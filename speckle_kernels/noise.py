@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _ext, noise_ext, noise_triton
-from ._backend import resolve_backend
+from . import noise_ext, noise_triton
+from ._backend import choose_backend
 from .noise_stream import (BATCH_OUT_DTYPES, DEFAULT_SIGMA_ADD, DEFAULT_SIGMA_MULT, DISTRIBUTIONS,
                            KERNEL_DTYPES, check_noise_args)
 
@@ -33,16 +33,6 @@ def _reference_generator(device, seed, offset):
     gen = torch.Generator(device=device)
     gen.manual_seed(_mix_seed(seed, offset))
     return gen
-
-
-def _choose(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    chosen = resolve_backend(backend, device, has_cpu_ext=_ext.HAS_CPU_EXT,
-                             has_cuda_ext=_ext.HAS_CUDA_EXT)
-    if chosen != "reference" and dtype not in KERNEL_DTYPES:
-        if backend != "auto":
-            raise TypeError(f"backend={backend!r} supports {KERNEL_DTYPES}, got x dtype {dtype}")
-        return "reference"
-    return chosen
 
 
 def _checked(factor, sigma_mult, sigma_add, distribution, seed, offset, clip) -> dict:
@@ -68,7 +58,7 @@ def add_speckle_noise(x: torch.Tensor, *, factor: float = 1.0, sigma_mult=DEFAUL
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor of intensities, got dtype {x.dtype}")
     noise = _checked(factor, sigma_mult, sigma_add, distribution, seed, offset, clip)
-    chosen = _choose(backend, x.device, x.dtype)
+    chosen = choose_backend(backend, x.device, x.dtype, kernel_dtypes=KERNEL_DTYPES)
     if chosen == "reference":
         from .reference import speckle_noise_reference
         seed, offset = noise.pop("seed"), noise.pop("offset")
@@ -98,8 +88,7 @@ def make_noisy_batch(clean_u8: torch.Tensor, *, factor: float = 1.0,
     if out_dtype not in BATCH_OUT_DTYPES:
         raise TypeError(f"out_dtype must be one of {BATCH_OUT_DTYPES}, got {out_dtype!r}")
     noise = _checked(factor, sigma_mult, sigma_add, distribution, seed, offset, clip)
-    chosen = resolve_backend(backend, clean_u8.device, has_cpu_ext=_ext.HAS_CPU_EXT,
-                             has_cuda_ext=_ext.HAS_CUDA_EXT)
+    chosen = choose_backend(backend, clean_u8.device)
     if chosen == "reference":
         from .reference import noisy_batch_reference
         seed, offset = noise.pop("seed"), noise.pop("offset")

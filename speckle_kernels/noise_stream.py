@@ -18,20 +18,21 @@ multiplicative sigmas 0.1, 0.5 and 1.0, which span the paper's range (a little b
 DEFAULT_SIGMA_ADD = 0.02 (about 5 gray levels of 255): our choice, a small electronic-noise
 floor that keeps dark (anechoic) regions from being noise-free; the paper gives no number.
 
-Random numbers: counter-based, Philox4x32-10 (Salmon et al., SC'11), the generator behind
-tl.rand/tl.randn/tl.randint4x. Every value depends only on (seed, offset, flat index), never on
+Random numbers: counter-based, Philox4x32-10 (philox.py: its constants, the stream words, the
+uniform map, the generator in torch ops), the generator behind tl.rand/tl.randn/tl.randint4x.
+Every value depends only on (seed, offset, flat index), never on
 the launch configuration, so the Triton, C++ CPU and CUDA kernels give the same stream:
 
     key       k0 = seed & 0xFFFFFFFF,  k1 = seed >> 32              (0 <= seed < 2**63)
     element   e = offset + j, j the row-major flat index of the element in this call's tensor
-              counter (c0, c1, c2, c3) = (e & 0xFFFFFFFF, e >> 32, 0, 0)   -> words r0 r1 r2 r3
+              counter (c0, c1, c2, c3) = (e & 0xFFFFFFFF, e >> 32, 0, STREAM_NOISE = 0) -> words r0..r3
     uniform   u(r) = float32(v) * 4.6566127342e-10f, v = r if r < 2**31 else 2**32 - 1 - r
               (Triton's uint_to_uniform_float; u in [0, 1), 2**31 levels)
     n1        rho0 = sqrt(-2 ln max(u(r0), 1e-7))
               gaussian: n1 = rho0 * cos(2 pi u(r1));  rayleigh: n1 = (rho0 - sqrt(pi/2)) / sqrt(2 - pi/2)
     n2        n2 = sqrt(-2 ln max(u(r2), 1e-7)) * cos(2 pi u(r3))          (always gaussian)
     image i   (only when sigma_mult is a pair) e_i = offset + i * numel_per_image,
-              counter (e_i & 0xFFFFFFFF, e_i >> 32, 0, 1); sigma_i = low + (high - low) * u(r0)
+              counter (e_i & 0xFFFFFFFF, e_i >> 32, 0, STREAM_SIGMA = 1); sigma_i = low + (high - low) * u(r0)
 
 All arithmetic after the Philox words is float32. Word c3 = 1 separates the per-image stream
 from the element stream; r1 is unused by the Rayleigh variant (kept so both variants read the
@@ -50,9 +51,7 @@ DEFAULT_SIGMA_MULT = 0.1
 DEFAULT_SIGMA_ADD = 0.02
 DISTRIBUTIONS = ("gaussian", "rayleigh")
 
-U32 = 0xFFFFFFFF
 INT64_LIMIT = 2 ** 63
-UNIFORM_SCALE = 4.6566127342e-10
 TINY_UNIFORM = 1.0e-7
 RAYLEIGH_MEAN = math.sqrt(math.pi / 2)       # the mean of Rayleigh(1)
 RAYLEIGH_STD = math.sqrt(2 - math.pi / 2)    # its standard deviation
@@ -110,35 +109,3 @@ def images_of(t: torch.Tensor) -> tuple[int, int]:
         images = t.shape[0]
         return images, (t.numel() // images if images else 0)
     return 1, t.numel()
-
-
-# The stream's generator in torch integer arithmetic: the oracle of every kernel's bits, and the
-# mask of the norm block's decomposed (Inductor) form.
-
-def _mul_hi_lo(a: int, b: torch.Tensor):
-    """(a * b) >> 32 and (a * b) & 0xFFFFFFFF for a 32-bit constant a and uint32 values b held
-    in int64, without overflowing int64 (split a into 16-bit halves)."""
-    s = (a >> 16) * b
-    t = (a & 0xFFFF) * b
-    hi = (s + (t >> 16)) >> 16
-    lo = (((s & 0xFFFF) << 16) + t) & U32
-    return hi, lo
-
-
-def philox4x32_10(seed: int, c0, c1, c2, c3):
-    """Philox4x32-10 on int64 tensors holding uint32 counters; key = (seed lo, seed hi).
-    Returns the four output words (int64 tensors with values in [0, 2**32))."""
-    k0, k1 = seed & U32, (seed >> 32) & U32
-    for _ in range(10):
-        hi_b, lo_b = _mul_hi_lo(0xCD9E8D57, c2)
-        hi_a, lo_a = _mul_hi_lo(0xD2511F53, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0 = (k0 + 0x9E3779B9) & U32
-        k1 = (k1 + 0xBB67AE85) & U32
-    return c0, c1, c2, c3
-
-
-def uniform_torch(r: torch.Tensor) -> torch.Tensor:
-    """Philox words (int64 holding uint32) -> the stream's float32 uniforms."""
-    v = torch.where(r >= 2 ** 31, U32 - r, r)
-    return v.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from ._backend import HAS_TRITON
-from .noise_stream import RAYLEIGH_MEAN, RAYLEIGH_STD, TINY_UNIFORM, UNIFORM_SCALE, images_of
+from .noise_stream import RAYLEIGH_MEAN, RAYLEIGH_STD, TINY_UNIFORM, images_of
+from .philox import STREAM_SIGMA
 
 _MAX_GRID_Y = 65535
 
@@ -20,22 +21,17 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .triton_common import uniform
+
     # Kernels may only read globals that are tl.constexpr.
-    _UNIFORM_SCALE = tl.constexpr(UNIFORM_SCALE)
+    _SIGMA_STREAM = tl.constexpr(STREAM_SIGMA)
     _TINY_UNIFORM = tl.constexpr(TINY_UNIFORM)
     _RAYLEIGH_MEAN = tl.constexpr(RAYLEIGH_MEAN)
     _INV_RAYLEIGH_STD = tl.constexpr(1.0 / RAYLEIGH_STD)
     _TWO_PI = tl.constexpr(6.283185307179586)
 
     @triton.jit
-    def _uniform(r):
-        # uint32 words -> float32 in [0, 1), as Triton's uint_to_uniform_float.
-        v = r.to(tl.int32, bitcast=True)
-        v = tl.where(v < 0, ~v, v)
-        return v.to(tl.float32) * _UNIFORM_SCALE
-
-    @triton.jit
-    def _speckle_kernel(
+    def speckle_kernel(
         x_ptr,        # (images * numel_img,) float or uint8 input, contiguous
         y_ptr,        # (images * numel_img,) noisy output
         clean_ptr,    # (images * numel_img,) normalized clean output (FROM_U8 only)
@@ -54,20 +50,20 @@ if HAS_TRITON:
             lo = e_img.to(tl.uint32)
             hi = (e_img >> 32).to(tl.uint32)
             zero = lo * 0
-            ri, _, _, _ = tl.philox(seed, lo, hi, zero, zero + 1)
-            sigma = sig_lo + sig_span * _uniform(ri)
+            ri, _, _, _ = tl.philox(seed, lo, hi, zero, zero + _SIGMA_STREAM)
+            sigma = sig_lo + sig_span * uniform(ri)
         else:
             sigma = sig_lo
         fs = factor * sigma
 
         r0, r1, r2, r3 = tl.randint4x(seed, offset + j)   # counter (e lo, e hi, 0, 0)
-        rho0 = tl.sqrt(-2.0 * tl.log(tl.maximum(_uniform(r0), _TINY_UNIFORM)))
+        rho0 = tl.sqrt(-2.0 * tl.log(tl.maximum(uniform(r0), _TINY_UNIFORM)))
         if RAYLEIGH:
             n1 = (rho0 - _RAYLEIGH_MEAN) * _INV_RAYLEIGH_STD
         else:
-            n1 = rho0 * tl.cos(_uniform(r1) * _TWO_PI)
-        rho2 = tl.sqrt(-2.0 * tl.log(tl.maximum(_uniform(r2), _TINY_UNIFORM)))
-        n2 = rho2 * tl.cos(_uniform(r3) * _TWO_PI)
+            n1 = rho0 * tl.cos(uniform(r1) * _TWO_PI)
+        rho2 = tl.sqrt(-2.0 * tl.log(tl.maximum(uniform(r2), _TINY_UNIFORM)))
+        n2 = rho2 * tl.cos(uniform(r3) * _TWO_PI)
 
         x = tl.load(x_ptr + j, mask=mask, other=0)
         if FROM_U8:
@@ -96,7 +92,7 @@ def _launch(x, y, clean, *, factor, sigma_mult, sigma_add, distribution, clip, s
     block = max(block, triton.next_power_of_2(triton.cdiv(numel_img, _MAX_GRID_Y)))
     low, high = sigma_mult
     grid = (images, triton.cdiv(numel_img, block))
-    _speckle_kernel[grid](
+    speckle_kernel[grid](
         x, y, clean if clean is not None else y, numel_img, seed, offset,
         factor, low, high - low, sigma_add,
         BLOCK=block, RAYLEIGH=distribution == "rayleigh", PER_IMAGE=high > low,
@@ -120,22 +116,3 @@ def make_noisy_batch(clean_u8: torch.Tensor, *, out_dtype: torch.dtype, block: i
     clean = torch.empty_like(noisy)
     _launch(src, noisy, clean, block=block, **noise)
     return noisy, clean
-
-
-def aot_variants():
-    """(kernel, signature, constexprs) of every variant the host functions launch, for the
-    ahead-of-time compile test (tests/aot_compile.py): float inputs of add_speckle_noise and the
-    uint8 -> fp32/bf16 path of make_noisy_batch, both distributions, per-image sigma on."""
-    variants = []
-    for in_ty, out_ty in (("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"),
-                          ("u8", "fp32"), ("u8", "bf16")):
-        for rayleigh in (False, True):
-            signature = {"x_ptr": "*" + in_ty, "y_ptr": "*" + out_ty, "clean_ptr": "*" + out_ty,
-                         "numel_img": "i32", "seed": "i64", "offset": "i64", "factor": "fp32",
-                         "sig_lo": "fp32", "sig_span": "fp32", "sigma_add": "fp32",
-                         "BLOCK": "constexpr", "RAYLEIGH": "constexpr", "PER_IMAGE": "constexpr",
-                         "CLIP": "constexpr", "FROM_U8": "constexpr"}
-            constexprs = {"BLOCK": 1024, "RAYLEIGH": rayleigh, "PER_IMAGE": True, "CLIP": True,
-                          "FROM_U8": in_ty == "u8"}
-            variants.append((_speckle_kernel, signature, constexprs))
-    return variants

@@ -24,9 +24,9 @@ import math
 
 import torch
 
-from .noise_stream import (RAYLEIGH_MEAN, RAYLEIGH_STD, TINY_UNIFORM, U32, check_counter, check_distribution,
-                           philox4x32_10, uniform_torch)
-from .norm_block import check_block_args, dropout_keep_mask, dropout_scale
+from .batch_renorm_act_contract import check_block_args, dropout_keep_mask
+from .noise_stream import RAYLEIGH_MEAN, RAYLEIGH_STD, TINY_UNIFORM, check_counter, check_distribution
+from .philox import STREAM_NOISE, STREAM_SIGMA, U32, philox4x32_10, uniform_torch
 from .schedules import DMAX_SCHEDULE, RMAX_SCHEDULE, RenormSchedule, renorm_correction, update_running_stats
 
 
@@ -167,7 +167,7 @@ def noise_fields(numel: int, *, seed: int = 0, offset: int = 0, distribution: st
     seed, offset = check_counter("seed", seed), check_counter("offset", offset)
     e = offset + torch.arange(numel, dtype=torch.int64, device=device)
     zero = torch.zeros_like(e)
-    r0, r1, r2, r3 = philox4x32_10(seed, e & U32, e >> 32, zero, zero)
+    r0, r1, r2, r3 = philox4x32_10(seed, e & U32, e >> 32, zero, zero + STREAM_NOISE)
     rho0 = _radius_torch(uniform_torch(r0))
     if distribution == "rayleigh":
         n1 = (rho0 - RAYLEIGH_MEAN) * (1.0 / RAYLEIGH_STD)
@@ -183,7 +183,7 @@ def image_uniforms(images: int, numel_per_image: int, *, seed: int = 0, offset: 
     seed, offset = check_counter("seed", seed), check_counter("offset", offset)
     e = offset + torch.arange(images, dtype=torch.int64, device=device) * numel_per_image
     zero = torch.zeros_like(e)
-    r0, _, _, _ = philox4x32_10(seed, e & U32, e >> 32, zero, zero + 1)
+    r0, _, _, _ = philox4x32_10(seed, e & U32, e >> 32, zero, zero + STREAM_SIGMA)
     return uniform_torch(r0)
 
 
@@ -218,5 +218,6 @@ def batch_renorm_act_reference(x, running_mean, running_std, num_batches_tracked
     if training and dropout > 0.0:
         keep = dropout_keep_mask(tuple(y.shape), dropout, seed=seed, offset=offset, device=y.device)
         keep = torch.empty_like(y, dtype=torch.bool).copy_(keep)  # y's memory layout
-        y = torch.where(keep, y * dropout_scale(dropout), torch.zeros_like(y))
+        # 1/(1-p) rounds to y's dtype: float32(1/(1-p)) for every kernel dtype, as keep_scale
+        y = torch.where(keep, y * (1.0 / (1.0 - dropout)), torch.zeros_like(y))
     return y

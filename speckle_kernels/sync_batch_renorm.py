@@ -9,7 +9,9 @@ batch; weight and bias gradients stay local, as DistributedDataParallel averages
 
 This path is written with torch ops (no fused kernel): the collectives dominate at the scale
 where synchronization is worth it. Without an initialized process group, or with one rank, the
-layer runs the ordinary FusedBatchRenorm path.
+layer runs the ordinary FusedBatchRenorm path. Under activation checkpointing both paths replay
+their forward's buffers in the recompute (layers.running_buffers, checkpoint_replay.py); the
+recompute's all_gather runs on every rank alike, as its forward's did.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from torch import nn
 from .batch_renorm_act import batch_renorm_act
 from .layers import (FusedBatchRenorm1d, FusedBatchRenorm2d, FusedBatchRenorm3d, _FusedBatchRenorm,
                      _FusedBatchRenormAct)
-from .norm_block import check_block_args
+from .batch_renorm_act_contract import check_block_args
 from .schedules import renorm_correction, update_running_stats
 
 
@@ -109,8 +111,7 @@ class SyncFusedBatchRenorm(_FusedBatchRenorm):
         if not x.is_floating_point():
             raise TypeError(f"expected a floating-point input, got dtype {x.dtype}")
         return _SyncBatchRenormFunction.apply(
-            x, self.weight, self.bias, self.running_mean, self.running_std, self.num_batches_tracked,
-            self.momentum, self.eps, self.r_max, self.d_max, self.process_group)
+            x, self.weight, self.bias, *self.running_buffers(), self.momentum, self.eps, self.r_max, self.d_max, self.process_group)
 
 
 class SyncFusedBatchRenormAct(SyncFusedBatchRenorm):
@@ -127,7 +128,7 @@ class SyncFusedBatchRenormAct(SyncFusedBatchRenorm):
         if not self._synchronizing():  # one process: the fused block itself
             self._check_input_dim(x)
             return batch_renorm_act(
-                x, self.running_mean, self.running_std, self.num_batches_tracked, self.weight, self.bias,
+                x, *self.running_buffers(), self.weight, self.bias,
                 training=self.training, momentum=self.momentum, eps=self.eps, r_max=self.r_max,
                 d_max=self.d_max, activation=self.activation, negative_slope=self.negative_slope,
                 backend=self.backend)

@@ -1,15 +1,19 @@
-"""Test configuration: Triton kernels run on CPU tensors under its interpreter.
+"""Test configuration: on a machine without a GPU, Triton kernels run on CPU tensors under its
+interpreter; on a GPU machine they run on the GPU, and the tests that need the interpreter skip.
 
 Triton reads TRITON_INTERPRET when a kernel is decorated, so it is set here, before any test
-module imports speckle_kernels.
+module imports speckle_kernels. (On the GPU image the interpreter is also unusable: Triton 3.6's
+turns loop bounds into ints with int(np.array([n])), which NumPy >= 2.4 refuses.)
 """
 import os
 import zlib
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

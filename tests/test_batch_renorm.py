@@ -260,7 +260,7 @@ def test_backend_selection():
     bufs = (torch.zeros(3), torch.ones(3), torch.tensor(0))
     with pytest.raises(RuntimeError, match="backend='cuda' needs CUDA tensors"):
         sk.batch_renorm(x, *bufs, backend="cuda")
-    with pytest.raises(TypeError, match="supports float32, float16 and bfloat16, got torch.float64"):
+    with pytest.raises(TypeError, match="supports float32, float16, bfloat16, got torch.float64"):
         sk.batch_renorm(x.double(), *(b.double() if b.is_floating_point() else b for b in bufs), backend="triton")
     # float64 under auto falls back to the reference quietly, and is exact there
     y = sk.batch_renorm(x.double(), *(b.double() if b.is_floating_point() else b.clone() for b in bufs))

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from speckle_kernels.norm_block import ACTIVATIONS
+from speckle_kernels.batch_renorm_act_contract import ACTIVATIONS
 from speckle_kernels.reference import batch_renorm_act_reference, batch_renorm_reference, dropout_keep_mask
 
 from speckle_kernels.testing import batch_renorm_act as block_kit

@@ -24,8 +24,10 @@ import pytest
 import torch
 
 from speckle_kernels import _ext
-from speckle_kernels.norm_block import ACTIVATIONS
-from speckle_kernels.reference import batch_renorm_act_reference, dropout_keep_mask, dropout_scale
+from speckle_kernels.batch_renorm_act_contract import ACTIVATIONS
+from speckle_kernels.batch_renorm_act_contract import keep_scale
+from speckle_kernels.batch_renorm_contract import STAT_D, STAT_R, STAT_SCALE, STAT_SHIFT, STAT_SIGMA
+from speckle_kernels.reference import batch_renorm_act_reference, dropout_keep_mask
 from speckle_kernels.schedules import DMAX_SCHEDULE, RMAX_SCHEDULE
 
 pytestmark = pytest.mark.skipif(
@@ -33,7 +35,6 @@ pytestmark = pytest.mark.skipif(
     reason="C++ extension not built (pip install --no-build-isolation -e .)")
 
 OPS = torch.ops.speckle_kernels
-STAT_SCALE, STAT_SHIFT, STAT_SIGMA, STAT_R, STAT_D = 6, 7, 2, 3, 4  # rows of batch_renorm_math.h
 EPS32 = 2.0 ** -24
 
 
@@ -93,7 +94,7 @@ def test_masks_are_the_reference_stream(shape, offset, seed, layout):
     # moves by |dy| * keep_scale >> the fp32 sum's error (<= 64 eps S|g|, blocks of 64 a lane)
     dy = _input(shape, seed=4) - 0.5
     _, _, dbias = _backward(dy, x, w, stats, act=0, p=0.3, rng=(seed, offset))
-    g = torch.where(keep, dy.double() * float(torch.tensor(dropout_scale(0.3), dtype=torch.float32)), 0.0)
+    g = torch.where(keep, dy.double() * keep_scale(0.3), 0.0)
     dims = [0] + list(range(2, len(shape)))
     err = (dbias.double() - g.sum(dims)).abs()
     assert (err <= 64 * EPS32 * g.abs().sum(dims) + 1e-30).all(), err.max()

@@ -25,9 +25,11 @@ import torch
 
 pytest.importorskip("triton")
 
+import speckle_kernels as sk  # noqa: E402
 from speckle_kernels import batch_renorm_act_triton as bat  # noqa: E402
 from speckle_kernels._backend import triton_interpreting  # noqa: E402
-from speckle_kernels.batch_renorm_triton import GRAD_A, GRAD_BIAS, GRAD_WEIGHT, N_GRADS  # noqa: E402
+from speckle_kernels.batch_renorm_act_contract import keep_scale, negative_side_slope  # noqa: E402
+from speckle_kernels.batch_renorm_contract import GRAD_A, GRAD_BIAS, GRAD_WEIGHT, N_GRADS  # noqa: E402
 from speckle_kernels.reference import batch_renorm_act_reference, dropout_keep_mask  # noqa: E402
 from speckle_kernels.schedules import DMAX_SCHEDULE, RMAX_SCHEDULE  # noqa: E402
 from tests.helpers import assert_close  # noqa: E402
@@ -68,7 +70,7 @@ def _run_kernel(x, dy, w, b, bufs, *, training, activation, slope, p, rng, quads
     else:  # the per-element Philox path: the same ops' functions with quads off
         stats = bat.batch_renorm_statistics(x.detach(), w.detach(), b.detach(), *bufs, training=training,
                                             momentum=MOMENTUM, eps=EPS, r_max=RMAX_SCHEDULE, d_max=DMAX_SCHEDULE)
-        s = bat.negative_side_slope(activation, slope)
+        s = negative_side_slope(activation, slope)
         y = bat.block_forward(x.detach(), stats, rng, training=training, slope=s, dropout=p, quads=False)
         dx, grads = bat.block_backward(dy, x.detach(), w.detach(), stats, rng, training=training, slope=s,
                                        dropout=p, quads=False)
@@ -213,7 +215,7 @@ def test_backward_mask_is_the_stream(shape, channels_last, seed, offset, quads, 
     grads[GRAD_A] = 1.0
     g = torch.empty_like(layout.tensor)
     layout.launch(bat.MODE_DX, layout.tensor, dy, g, stats, grads, None, rng, programs=layout.n_tiles,
-                  tiles_per_program=1, dropout=p, keep_scale=bat._keep_scale(p), slope=1.0)
+                  tiles_per_program=1, dropout=p, keep_scale=keep_scale(p), slope=1.0)
     keep = dropout_keep_mask(shape, p, seed=seed, offset=offset)
     assert torch.equal(g != 0, keep)
     assert torch.equal(g[keep], dy[keep] * torch.tensor(1 / (1 - p), dtype=torch.float32))
@@ -249,17 +251,20 @@ def test_opcheck_of_the_block_ops(one_thread):
 
 
 @pytest.mark.parametrize("kwargs,error,pattern", [
-    (dict(activation=3), ValueError, "activation must be"),
+    (dict(activation="gelu"), ValueError, "activation must be"),
     (dict(dropout=1.0), ValueError, r"dropout must lie in \[0, 1\), got 1.0"),
-    (dict(rng=torch.tensor([1, 2], dtype=torch.int32)), TypeError, "rng must be an int64"),
-    (dict(rng=torch.tensor([1, 2, 3])), TypeError, r"shape \(3,\)"),
+    (dict(rng=torch.tensor([1, 2], dtype=torch.int32)), ValueError, "rng must be an int64"),
+    (dict(rng=torch.tensor([1, 2, 3])), ValueError, r"shape \(3,\)"),
 ])
-def test_bad_arguments(kwargs, error, pattern):
-    args = dict(activation=1, negative_slope=0.0, dropout=0.1, rng=torch.tensor([1, 2]))
+def test_bad_arguments_leave_buffers_untouched(kwargs, error, pattern):
+    # the dispatcher checks once for every backend (batch_renorm_act_contract.py)
+    args = dict(activation="relu", dropout=0.1, rng=torch.tensor([1, 2]))
     args.update(kwargs)
+    bufs = _buffers(3, 0)
+    before = [t.clone() for t in bufs]
     with pytest.raises(error, match=pattern):
-        bat.batch_renorm_act(torch.randn(2, 3, 4), None, None, *_buffers(3, 0), training=True, momentum=MOMENTUM,
-                             eps=EPS, r_max=RMAX_SCHEDULE, d_max=DMAX_SCHEDULE, **args)
+        sk.batch_renorm_act(torch.randn(2, 3, 4), *bufs, training=True, backend="triton", **args)
+    assert all(torch.equal(a, b) for a, b in zip(bufs, before))
 
 
 def test_torch_compile_fullgraph_traces_the_ops(one_thread):

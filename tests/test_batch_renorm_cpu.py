@@ -109,7 +109,7 @@ def test_unknown_schedule_is_refused(monkeypatch):
 
 
 def test_auto_picks_the_cpu_extension(monkeypatch):
-    assert _backend.resolve_backend("auto", torch.device("cpu"), has_cpu_ext=True) == "cpu"
+    assert _backend.choose_backend("auto", torch.device("cpu"), has_cpu_ext=True) == "cpu"
     calls = []
     real = batch_renorm_ext.batch_renorm
     monkeypatch.setattr(batch_renorm_ext, "batch_renorm", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -120,11 +120,11 @@ def test_auto_picks_the_cpu_extension(monkeypatch):
 def test_auto_order_on_cuda(monkeypatch):
     # The rule alone (no GPU needed): the built CUDA extension first, then Triton, then the reference.
     cuda = torch.device("cuda")
-    assert _backend.resolve_backend("auto", cuda, has_cuda_ext=True) == "cuda"
+    assert _backend.choose_backend("auto", cuda, has_cuda_ext=True) == "cuda"
     monkeypatch.setattr(_backend, "triton_usable", lambda device: True)
-    assert _backend.resolve_backend("auto", cuda, has_cuda_ext=False) == "triton"
+    assert _backend.choose_backend("auto", cuda, has_cuda_ext=False) == "triton"
     monkeypatch.setattr(_backend, "triton_usable", lambda device: False)
-    assert _backend.resolve_backend("auto", cuda, has_cuda_ext=False) == "reference"
+    assert _backend.choose_backend("auto", cuda, has_cuda_ext=False) == "reference"
 
 
 def test_module_uses_extension_and_no_host_sync_in_backward(monkeypatch):

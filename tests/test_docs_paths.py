@@ -50,9 +50,9 @@ def test_every_named_path_exists(doc):
 
 def test_the_check_sees_paths():
     # The check must find the paths it is meant to check (a regex that matched nothing would
-    # pass every document): the README names the package and at least one committed figure.
+    # pass every document): the README names docs pages and at least one committed figure.
     named = {p for _, p in named_paths((ROOT / "README.md").read_text())}
-    assert any(p.startswith("speckle_kernels/") for p in named), named
+    assert any(p.startswith("docs/") and p.endswith(".md") for p in named), named
     assert any(p.endswith(".png") for p in named), named
     assert not (ROOT / "tests/no/such/file.py").exists()
     assert [p for _, p in named_paths("see `tests/no/such/file.py` and ![x](docs/none.png)")] == \

@@ -127,8 +127,8 @@ def test_standard_normals_against_the_stream_in_float64(lanes):
     # differ from the float64 value of the same float inputs (u, and the float angle theta of the
     # stream) by ~6 ulp relative through rho and the products, plus 2 ulp of 1 times rho through
     # cos: bound 8 * 2^-24 * |n| + 2^-22 * rho.
-    from speckle_kernels.noise_stream import U32 as _U32
-    from speckle_kernels.noise_stream import philox4x32_10, uniform_torch
+    from speckle_kernels.philox import U32 as _U32
+    from speckle_kernels.philox import philox4x32_10, uniform_torch
 
     numel, seed, offset = 1 << 20, 20251125, 3
     e = offset + torch.arange(numel, dtype=torch.int64)

@@ -1,23 +1,24 @@
-"""GPU check (issue 2): every kernel against the reference on the GPU, then the headline timings.
+"""GPU check, stages 1 and 2 of benchmarks/tools/run_gpu.sh: every kernel against its case kit,
+then the headline timings. Each result is one JSON line, appended (and flushed) as it finishes,
+so a run cut off at its deadline keeps every finished row; `summary` turns the lines into a table.
 
-    python -m benchmarks.tools.gpu_check --out benchmarks/results/<gpu>-<date>
+    python -m benchmarks.tools.gpu_check checks  --jsonl DIR/checks-0.jsonl [--shard 0/8] [--quick]
+    python -m benchmarks.tools.gpu_check timings --jsonl DIR/timings.jsonl [--impls ...]
+    python -m benchmarks.tools.gpu_check summary DIR        (DIR/gpu_check.md from DIR/*.jsonl)
 
-1. Checks, for each kernel backend (Triton, the CUDA extension), by the tests' kit
-   (speckle_kernels/testing/batch_renorm.py): y, dx, dweight, dbias and the running buffers over training
-   steps then eval, against the same function in float64 (at most 2x the fp32 reference's error
-   + 1 ulp), on the tests' cases and on Br-U-Net's shapes in fp32/fp16/bf16, contiguous and
-   channels_last; the norm block (BatchRenorm -> activation -> dropout) by its kit
-   (speckle_kernels/testing/batch_renorm_act.py) over its CASES and the headline; and the noise kernels
-   against their documented Philox stream. A backend that is missing counts as a failure here:
-   on a GPU machine both should be built.
-2. Timings at (32, 64, 128, 128): forward and forward+backward of every implementation
-   (reference, torch.compile(reference), nn.BatchNorm2d, Triton, CUDA) in fp32 and bf16,
-   contiguous and channels_last, with CUDA events over rotating input buffers (colder than L2),
-   beside a device-to-device copy timed in the same run.
-
-Writes gpu_check.json and gpu_check.md in --out and exits 1 if any check failed. Uses only
-APIs present in torch 2.11 / Triton 3.6 (the GPU image). `--device cpu` runs the same script on
-a CPU against the C++ CPU extension (a dry run of this script; slow at the headline size).
+checks: for the CUDA extension and Triton, the cases benchmarks/tools/gpu_plan.py lists for
+stage 1: the BatchRenorm kit's cases, Br-U-Net's layer shapes and the headline in fp32, fp16 and
+bf16, contiguous and channels_last (speckle_kernels/testing/batch_renorm.py: y, dx, dweight, dbias
+and the running buffers over training steps then eval, against float64, bound 2x the fp32
+reference's error + 1 ulp); the norm block's kit cases and headline; the noise kernels against
+their Philox stream. A row: the verdict, the largest error/bound ratio and its quantity, the
+seconds. --shard K/N takes every N-th case from the K-th, so N processes share the compiling
+(one Triton specialization a distinct launch, ~1 s each) over the CPU's cores. A backend that is
+missing counts as a failure here: on a GPU machine both should be built.
+timings: at (32, 64, 128, 128), forward and forward+backward of each implementation in fp32 and
+bf16, contiguous and channels_last, CUDA events over rotating inputs (colder than L2), beside a
+device-to-device copy timed in the same run; then each loaded Triton kernel's registers and spills.
+Uses only APIs present in torch 2.11 / Triton 3.6 (the GPU image).
 """
 from __future__ import annotations
 
@@ -34,82 +35,84 @@ import torch
 from speckle_kernels.testing import batch_renorm as renorm_kit
 from speckle_kernels.testing import batch_renorm_act as block_kit
 
-from ..common import (DTYPE_NAMES, Unavailable, assert_verdict, copy_bandwidth, device_name,
-                     rotation_count, tensor_bytes, time_calls)
+from ..batch_renorm_act_cases import probe_block_backend
 from ..batch_renorm_cases import (HEADLINE_CHANNELS, RENORM_IMPLS, RenormState, check_renorm,
-                                 forward_backward, renorm_bytes, renorm_impl, renorm_input,
-                                 unet_norm_shapes)
+                                  forward_backward, renorm_bytes, renorm_impl, renorm_input)
+from ..common import DTYPE_NAMES, Unavailable, copy_bandwidth, device_name, rotation_count, tensor_bytes, time_calls
 from ..noise_cases import check_noise, noise_impl
-from ..norm_block_cases import probe_block_backend
+from .gpu_plan import item_label, stage1_items
 
 HEADLINE = (32, HEADLINE_CHANNELS, 128, 128)
-BACKENDS = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}  # checked on each device type
+GPU_BACKENDS = ("cuda", "triton")
 
 
-def kit_cases(quick: bool) -> list:
-    """The tests' BatchRenorm cases, then Br-U-Net's norm shapes and the headline in
-    fp32/fp16/bf16, contiguous and channels_last: every case judged against float64."""
-    cases = list(renorm_kit.CASES)
-    shapes = unet_norm_shapes(32, 128)[:1 if quick else None] + [HEADLINE]
-    for shape in shapes:
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            for channels_last in (False, True):
-                cases.append(renorm_kit.Case(shape, dtype=dtype, channels_last=channels_last, t=20000))
-    return cases
+def append(path: Path, row: dict) -> None:
+    """One JSON line, written and flushed at once: a killed run keeps every finished row."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
 
 
-def run_checks(device, quick: bool) -> list[dict]:
-    results = []
-
-    def record(what, fn):
-        t0 = time.perf_counter()
-        try:
-            fn()
-            status, detail = "passed", ""
-        except Unavailable as e:
-            status, detail = "missing", str(e)
-        except Exception as e:  # every failure is reported, then the next check runs
-            status, detail = "FAILED", f"{type(e).__name__}: {e}"
-            traceback.print_exc()
-        results.append({"check": what, "status": status, "detail": detail[:2000],
-                        "seconds": round(time.perf_counter() - t0, 3)})
-        print(f"[{status:>7}] {what}" + (f": {detail[:300]}" if detail else ""), flush=True)
-
-    for backend in BACKENDS[device.type]:
-        for case in kit_cases(quick):
-            def judged(case=case):
-                if backend == "triton" and device.type != "cuda":
-                    raise Unavailable("Triton is checked on a GPU here (the tests run its interpreter)")
-                renorm_impl(backend, device, case.dtype)  # Unavailable when not built
-                assert_verdict(renorm_kit.judge(backend, renorm_kit.draw(case, seed=len(case.id), device=device)))
-
-            record(f"batch_renorm[{backend}] {case.id}", judged)
-        for case in block_kit.CASES + ([] if quick else [block_kit.HEADLINE]):
-            def block_judged(case=case):
-                probe_block_backend(backend, device, case.base.dtype)  # Unavailable when missing
-                d = block_kit.draw(case, seed=len(case.id), device=device)
-                assert_verdict(block_kit.judge(backend, case, d))
-
-            record(f"batch_renorm_act[{backend}] {case.id}", block_judged)
-        for op, out_dtype in (("batch", torch.float32), ("batch", torch.bfloat16), ("add", torch.float32)):
-            for shape in ((32, 1, 128, 128), (3, 1, 7, 13)):
-                label = f"noise[{backend}] {op} {'x'.join(map(str, shape))} -> {DTYPE_NAMES[out_dtype]}"
-
-                def noise_check(op=op, out_dtype=out_dtype, shape=shape):
-                    fn = noise_impl(backend, op, device)
-                    g = torch.Generator(device=device).manual_seed(0)
-                    if op == "batch":
-                        x = torch.randint(0, 256, shape, generator=g, device=device, dtype=torch.uint8)
-                    else:
-                        x = torch.rand(shape, generator=g, device=device)
-                    check_noise(backend, fn, op, x, out_dtype)
-
-                record(label, noise_check)
-    return results
+def _ratio(verdict) -> tuple[float, str]:
+    """The largest error/bound over the kit's quantities, and which quantity."""
+    q = max(verdict.errors, key=lambda k: verdict.errors[k] / verdict.bounds[k] if verdict.bounds[k] else 0.0)
+    return (verdict.errors[q] / verdict.bounds[q] if verdict.bounds[q] else 0.0), q
 
 
-def run_timings(device, reps: int, warmup: int, copy_gbps: float) -> list[dict]:
-    rows = []
+def run_item(item: dict, backend: str, device) -> dict:
+    """One stage-1 check: its verdict, error/bound ratio and seconds."""
+    row = {"check": item_label(item, backend), "op": item["op"], "backend": backend}
+    t0 = time.perf_counter()
+    try:
+        if item["op"] == "noise":
+            fn = noise_impl(backend, item["noise_op"], device)
+            g = torch.Generator(device=device).manual_seed(0)
+            if item["noise_op"] == "batch":
+                x = torch.randint(0, 256, item["shape"], generator=g, device=device, dtype=torch.uint8)
+            else:
+                x = torch.rand(item["shape"], generator=g, device=device)
+            check_noise(backend, fn, item["noise_op"], x, item["out_dtype"])
+            verdict = None
+        elif item["op"] == "batch_renorm":
+            case = item["case"]
+            renorm_impl(backend, device, case.dtype)  # Unavailable when not built
+            verdict = renorm_kit.judge(backend, renorm_kit.draw(case, seed=len(case.id), device=device))
+        else:
+            case = item["case"]
+            probe_block_backend(backend, device, case.base.dtype)
+            verdict = block_kit.judge(backend, case, block_kit.draw(case, seed=len(case.id), device=device))
+        if verdict is not None:
+            row["ratio"], row["worst"] = _ratio(verdict)
+            row["errors"] = {q: float(v) for q, v in verdict.errors.items()}
+            row["bounds"] = {q: float(v) for q, v in verdict.bounds.items()}
+        failures = verdict.failures if verdict is not None else []
+        row["status"], row["detail"] = ("FAILED", "; ".join(failures)[:2000]) if failures else ("passed", "")
+    except Unavailable as e:
+        row["status"], row["detail"] = "missing", str(e)[:500]
+    except Exception as e:  # every failure is reported, then the next check runs
+        row["status"], row["detail"] = "FAILED", f"{type(e).__name__}: {e}"[:2000]
+        traceback.print_exc()
+    row["seconds"] = round(time.perf_counter() - t0, 3)
+    return row
+
+
+def run_checks(device, quick: bool, shard: tuple[int, int], jsonl: Path) -> int:
+    k, n = shard
+    failed = 0
+    for index, item in enumerate(stage1_items(quick)):
+        if index % n != k:
+            continue
+        for backend in GPU_BACKENDS:
+            row = run_item(item, backend, device)
+            append(jsonl, row)
+            failed += row["status"] != "passed"
+            ratio = f" ratio {row['ratio']:.2f} ({row['worst']})" if "ratio" in row else ""
+            print(f"[{row['status']:>7}] {row['check']}{ratio} {row['seconds']:.1f} s"
+                  + (f": {row['detail'][:300]}" if row["detail"] else ""), flush=True)
+    return failed
+
+
+def run_timings(device, reps: int, warmup: int, copy_gbps: float, impls, jsonl: Path) -> None:
     for dtype in (torch.float32, torch.bfloat16):
         for channels_last in (False, True):
             layout = "channels_last" if channels_last else "contiguous"
@@ -118,7 +121,7 @@ def run_timings(device, reps: int, warmup: int, copy_gbps: float) -> list[dict]:
             dys = [torch.randn_like(x, dtype=torch.float32).to(dtype) for x in xs]
             for backward in (False, True):
                 mode = "forward+backward" if backward else "forward"
-                for impl in RENORM_IMPLS:
+                for impl in impls:
                     row = {"impl": impl, "mode": mode, "dtype": DTYPE_NAMES[dtype], "layout": layout,
                            "shape": list(HEADLINE), "buffers": k}
                     try:
@@ -152,10 +155,9 @@ def run_timings(device, reps: int, warmup: int, copy_gbps: float) -> list[dict]:
                     except Exception as e:
                         row.update(error=f"{type(e).__name__}: {e}"[:1000])
                         traceback.print_exc()
-                    rows.append(row)
+                    append(jsonl, row)
                     print(_timing_line(row), flush=True)
             del xs, dys
-    return rows
 
 
 def _timing_line(row) -> str:
@@ -166,74 +168,112 @@ def _timing_line(row) -> str:
     return f"{head}: {row.get('skipped') or row.get('error')}"
 
 
-def markdown(report) -> str:
-    lines = [f"# GPU check: {report['device']}", "",
-             f"torch {report['torch']}, Triton {report['triton']}, CUDA extension built: "
-             f"{report['has_cuda_ext']}; {report['date']}. Device-to-device copy: "
-             f"{report['copy']['gbps']:.0f} GB/s (read + write).", "",
-             f"## Checks: {report['summary']}", "", "| check | status | detail |", "|---|---|---|"]
-    for r in report["checks"]:
-        if r["status"] != "passed":
-            lines.append(f"| {r['check']} | **{r['status']}** | {r['detail'][:300]} |")
-    n_passed = sum(r["status"] == "passed" for r in report["checks"])
-    lines.append(f"| ({n_passed} further checks) | passed | |")
-    lines += ["", f"## Timings at {'x'.join(map(str, HEADLINE))} (median of {report['reps']} calls, "
-              "CUDA events, rotating inputs)", "",
-              "| mode | dtype | layout | implementation | median | vs reference | GB/s | % copy | check |",
-              "|---|---|---|---|---:|---:|---:|---:|---|"]
-    for r in report["timings"]:
-        ref = next((q for q in report["timings"] if q["impl"] == "reference" and q["mode"] == r["mode"]
-                    and q["dtype"] == r["dtype"] and q["layout"] == r["layout"] and "median_s" in q), None)
-        if "median_s" not in r:
-            lines.append(f"| {r['mode']} | {r['dtype']} | {r['layout']} | {r['impl']} | – | – | – | – | "
-                         f"{(r.get('skipped') or r.get('error', ''))[:120]} |")
-            continue
-        speed = f"{ref['median_s'] / r['median_s']:.2f}×" if ref else "–"
-        check = "**wrong gradients**" if r["check"].startswith("FAILED") else r["check"]
-        lines.append(f"| {r['mode']} | {r['dtype']} | {r['layout']} | {r['impl']} | "
-                     f"{r['median_s'] * 1e3:.3f} ms | {speed} | {r['gbps']:.0f} | "
-                     f"{100 * r['fraction_of_copy']:.0f}% | {check} |")
+
+def triton_kernel_resources() -> list[dict]:
+    """Registers and spills of every Triton kernel of the package compiled in this process, as
+    the driver loaded it (CompiledKernel.n_regs / n_spills; Triton 3.6 to 3.9 keep the compiled
+    kernels in JITFunction.device_caches)."""
+    from speckle_kernels import batch_renorm_act_triton, batch_renorm_triton_kernels, noise_triton
+
+    rows = []
+    kernels = [batch_renorm_triton_kernels.channel_sums_kernel, batch_renorm_triton_kernels.per_channel_affine_kernel,
+               batch_renorm_triton_kernels.forward_finalize_kernel, batch_renorm_triton_kernels.backward_finalize_kernel,
+               batch_renorm_act_triton.batch_renorm_act_kernel, noise_triton.speckle_kernel]
+    for fn in kernels:
+        for caches in getattr(fn, "device_caches", {}).values():
+            cache = caches[0] if isinstance(caches, tuple) else caches
+            for key, compiled in dict(cache).items():
+                try:
+                    compiled._init_handles()
+                    rows.append({"kernel": fn.__name__, "n_regs": compiled.n_regs, "n_spills": compiled.n_spills,
+                                 "shared": compiled.metadata.shared, "num_warps": compiled.metadata.num_warps,
+                                 "key": str(key)[:300]})
+                except Exception as e:  # an API moved between versions: say so, keep going
+                    rows.append({"kernel": fn.__name__, "error": f"{type(e).__name__}: {e}"[:300]})
+    return rows
+
+
+def _read(paths) -> list[dict]:
+    rows = []
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
+
+
+def summary(folder: Path) -> str:
+    """gpu_check.md from the stage's JSONL files (a cut-off run summarized the same way)."""
+    checks = _read(sorted(folder.glob("checks*.jsonl")))
+    timings = [r for r in _read(sorted(folder.glob("timings*.jsonl"))) if "mode" in r]
+    env = (folder / "environment.txt").read_text() if (folder / "environment.txt").exists() else ""
+    lines = [f"# GPU check ({folder.name})", "", "```", env.strip(), "```", ""]
+    if checks:
+        passed = sum(r["status"] == "passed" for r in checks)
+        lines += [f"## Checks: {passed} of {len(checks)} passed", "",
+                  "| op | backend | cases | passed | worst error/bound | at | seconds |",
+                  "|---|---|---:|---:|---:|---|---:|"]
+        groups = {}
+        for r in checks:
+            groups.setdefault((r["op"], r["backend"]), []).append(r)
+        for (op, backend), rs in sorted(groups.items()):
+            worst = max((r for r in rs if "ratio" in r), key=lambda r: r["ratio"], default=None)
+            lines.append(f"| {op} | {backend} | {len(rs)} | {sum(r['status'] == 'passed' for r in rs)} | "
+                         + (f"{worst['ratio']:.2f} ({worst['worst']}) | {worst['check'].split('] ', 1)[1]}"
+                            if worst else "– | –") + f" | {sum(r['seconds'] for r in rs):.0f} |")
+        bad = [r for r in checks if r["status"] != "passed"]
+        if bad:
+            lines += ["", "| check | status | detail |", "|---|---|---|"]
+            lines += [f"| {r['check']} | **{r['status']}** | {r['detail'][:300]} |" for r in bad]
+    if timings:
+        lines += ["", f"## Timings at {'x'.join(map(str, HEADLINE))} (median, CUDA events, rotating inputs)",
+                  "", "| mode | dtype | layout | implementation | median | GB/s | % copy | check |",
+                  "|---|---|---|---|---:|---:|---:|---|"]
+        for r in timings:
+            if "median_s" in r:
+                lines.append(f"| {r['mode']} | {r['dtype']} | {r['layout']} | {r['impl']} | {r['median_s'] * 1e3:.3f} ms"
+                             f" | {r['gbps']:.0f} | {100 * r['fraction_of_copy']:.0f}% | {r['check']} |")
+            else:
+                lines.append(f"| {r['mode']} | {r['dtype']} | {r['layout']} | {r['impl']} | – | – | – | "
+                             f"{(r.get('skipped') or r.get('error', ''))[:120]} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Check and time the kernels on a GPU.")
-    p.add_argument("--out", type=Path, default=Path("."), help="directory for gpu_check.json/.md")
+    p = argparse.ArgumentParser(description="Check and time the kernels on a GPU (stages 1 and 2).")
+    p.add_argument("what", choices=("checks", "timings", "summary"))
+    p.add_argument("path", nargs="?", type=Path, help="summary: the folder of the JSONL files")
+    p.add_argument("--jsonl", type=Path, help="the file rows are appended to")
+    p.add_argument("--shard", default="0/1", help="K/N: every N-th check from the K-th")
+    p.add_argument("--quick", action="store_true", help="Br-U-Net's top level only, no block headline")
+    p.add_argument("--impls", nargs="+", default=list(RENORM_IMPLS))
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--quick", action="store_true", help="fewer Br-U-Net shapes in the checks, no block headline")
-    p.add_argument("--skip-timings", action="store_true")
     p.add_argument("--device", default="cuda", help="cuda (default), or cpu for a dry run")
     args = p.parse_args(argv)
+    if args.what == "summary":
+        (args.path / "gpu_check.md").write_text(summary(args.path))
+        print(summary(args.path))
+        return 0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; nothing to check", file=sys.stderr)
         return 2
-    try:
-        import triton
-        triton_version = triton.__version__
-    except Exception:
-        triton_version = "missing"
-    try:
-        from speckle_kernels import _ext
-        has_cuda_ext = bool(_ext.HAS_CUDA_EXT)
-    except Exception as e:  # the module may be missing or fail to load: say why
-        has_cuda_ext = f"no ({type(e).__name__}: {e})"
-    args.out.mkdir(parents=True, exist_ok=True)
+    from speckle_kernels import _ext
+
+    print(f"{device_name(device)}; torch {torch.__version__}; CUDA extension loaded: {_ext.HAS_CUDA_EXT}"
+          + ("" if _ext.HAS_CUDA_EXT else f" ({_ext.cuda_status()['error']})"), flush=True)
+    args.jsonl.parent.mkdir(parents=True, exist_ok=True)
+    if args.what == "checks":
+        k, n = (int(v) for v in args.shard.split("/"))
+        return 1 if run_checks(device, args.quick, (k, n), args.jsonl) else 0
     copy = copy_bandwidth(device)
-    print(f"{device_name(device)}: copy {copy['gbps']:.0f} GB/s; torch {torch.__version__}, "
-          f"Triton {triton_version}, CUDA extension {has_cuda_ext}", flush=True)
-    checks = run_checks(device, args.quick)
-    failed = [c for c in checks if c["status"] != "passed"]
-    timings = [] if args.skip_timings else run_timings(device, args.reps, args.warmup, copy["gbps"])
-    report = {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
-              "has_cuda_ext": has_cuda_ext, "date": time.strftime("%Y-%m-%d"), "copy": copy,
-              "reps": args.reps, "summary": f"{len(checks) - len(failed)} of {len(checks)} passed",
-              "checks": checks, "timings": timings}
-    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
-    (args.out / "gpu_check.md").write_text(markdown(report))
-    print(f"checks: {report['summary']}; wrote {args.out / 'gpu_check.md'}")
-    return 1 if failed else 0
+    append(args.jsonl, {"copy_gbps": copy["gbps"], "device": device_name(device)})
+    run_timings(device, args.reps, args.warmup, copy["gbps"], args.impls, args.jsonl)
+    for row in triton_kernel_resources():
+        append(args.jsonl, row)
+        print(row, flush=True)
+    return 0
 
 
 if __name__ == "__main__":

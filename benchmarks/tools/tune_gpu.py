@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from speckle_kernels.batch_renorm_contract import STAT_SCALE
 from speckle_kernels.schedules import DMAX_SCHEDULE, RMAX_SCHEDULE
 
 from ..common import copy_bandwidth, tensor_bytes, time_calls
@@ -34,9 +35,10 @@ HEADLINE = (32, HEADLINE_CHANNELS, 128, 128)
 
 def kernel_sweep(dtype, copy_gbps, quick):
     br = importlib.import_module("speckle_kernels.batch_renorm_triton")
+    tc = importlib.import_module("speckle_kernels.triton_common")  # the launch constants, read at call time
 
     knobs = ("TILE_ELEMENTS", "SUMS_NUM_WARPS", "AFFINE_NUM_WARPS", "REDUCTION_PROGRAMS_PER_SM")
-    shipped = {k: getattr(br, k) for k in knobs}
+    shipped = {k: getattr(tc, k) for k in knobs}
     rows = []
     tiles = (1024, 2048, 4096, 8192)
     warps = (4, 8)
@@ -51,27 +53,27 @@ def kernel_sweep(dtype, copy_gbps, quick):
         nbytes = tensor_bytes(HEADLINE, dtype)
         layout_name = "channels_last" if channels_last else "contiguous"
         for tile, nw in itertools.product(tiles, warps):
-            br.TILE_ELEMENTS = tile
-            layout = br._Layout(x)
+            tc.TILE_ELEMENTS = tile
+            layout = br.Layout(x)
             for backward in (False, True):
                 for ppsm in per_sm:
-                    br.SUMS_NUM_WARPS, br.REDUCTION_PROGRAMS_PER_SM = nw, ppsm
-                    fn = (lambda: br._channel_sums(layout, dy, stats)) if backward else \
-                        (lambda: br._channel_sums(layout, None, None))
+                    tc.SUMS_NUM_WARPS, tc.REDUCTION_PROGRAMS_PER_SM = nw, ppsm
+                    fn = (lambda: br.channel_sums(layout, dy, stats)) if backward else \
+                        (lambda: br.channel_sums(layout, None, None))
                     rows.append(_bench(f"sums {'bwd' if backward else 'fwd'}", layout_name, dtype,
                                        dict(tile=tile, warps=nw, programs_per_sm=ppsm,
                                             block=(layout.block_c, layout.block_i)),
                                        fn, (2 if backward else 1) * nbytes, copy_gbps))
-                br.AFFINE_NUM_WARPS = nw
-                coef = stats[br.STAT_SCALE]
-                fn = (lambda: br._per_channel_affine(layout, x, dy, stats, coef, coef, coef)) if backward else \
-                    (lambda: br._per_channel_affine(layout, x, None, stats, coef, None, coef))
+                tc.AFFINE_NUM_WARPS = nw
+                coef = stats[STAT_SCALE]
+                fn = (lambda: br.per_channel_affine(layout, x, dy, stats, coef, coef, coef)) if backward else \
+                    (lambda: br.per_channel_affine(layout, x, None, stats, coef, None, coef))
                 rows.append(_bench(f"affine {'bwd' if backward else 'fwd'}", layout_name, dtype,
                                    dict(tile=tile, warps=nw, block=(layout.block_c, layout.block_i)),
                                    fn, (3 if backward else 2) * nbytes, copy_gbps))
         del x, dy
     for k, v in shipped.items():  # back to the shipped configuration
-        setattr(br, k, v)
+        setattr(tc, k, v)
     return rows
 
 

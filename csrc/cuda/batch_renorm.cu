@@ -1,7 +1,5 @@
-// BatchRenorm forward/backward CUDA kernels (plain CUDA C++, launched by launchers.h's API).
-//
-// Same plan as the Triton kernels of speckle_kernels/batch_renorm.py, everything on the device
-// (no host sync, so the layer can be captured in a CUDA graph):
+// BatchRenorm forward/backward CUDA kernels (launched by launchers.h's API): the plan of the Triton
+// kernels (speckle_kernels/batch_renorm_triton_kernels.py), all on the device (no host sync):
 //   1. reductions: each channel's split over P blocks (blockIdx.x) -> (kPartialRows, P, C) fp64
 //      partials. One block per channel would leave an H100 idle at C = 64, 524288 values a channel.
 //      Forward: (count, mean, M2) of u = x - pivot. Each thread takes the values it loaded in an
@@ -17,9 +15,8 @@
 //      (dy - mean_dy)*A (exactly 0 where a channel holds one value).
 // Layouts: contiguous (planes of L values, blocks walk tiles of one plane row) and channels-last
 // (rows of C values, 32 channels x 8 rows a block so loads coalesce along C). Offsets are 64-bit.
-// Memory-level parallelism: every thread issues all its loads of an iteration (kPerThread
-// values, or kRowsInFlight rows) before it uses any. With one load in flight a thread, an H100
-// ran these kernels at about half of copy bandwidth (benchmarks/results/nvidia-h100-*).
+// Memory-level parallelism: every thread issues all its loads of an iteration (kPerThread values,
+// or kRowsInFlight rows) before it uses any (one load in flight: half of copy bandwidth, H100).
 // Limits: C <= 65535 for contiguous input (channels on gridDim.y); no 128-bit vector loads yet.
 #include <algorithm>
 #include <type_traits>

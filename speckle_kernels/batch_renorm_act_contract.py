@@ -1,25 +1,39 @@
 """The norm block's contract: BatchRenorm -> activation -> dropout, shared by every backend.
 
     y = dropout(act(batch_renorm(x)))
-    act: "identity" | "relu" | "leaky_relu" (negative_slope); dropout p in [0, 1), training only,
-    kept values scaled by 1 / (1 - p) as nn.Dropout does.
+    act: "identity" | "relu" | "leaky_relu" (negative_slope), passed to the kernels as the
+         codes ACTIVATION_CODES (csrc/include/norm_block_math.h's enum Activation); each is
+         act(z) = z > 0 ? z : z * slope with slope negative_side_slope(): 1, 0, negative_slope
+    dropout p in [0, 1), training only; kept values scaled by keep_scale(p) = float32(1/(1-p)),
+         as nn.Dropout does.
 
 The dropout mask is not stored: it is a function of (seed, offset, element index), the stream
-documented in reference.py and csrc/include/norm_block_math.h, which the backward regenerates.
-A module keeps (seed, offset) as an int64 device tensor and advances the offset by the
-element count after each training call, on the device (no host sync, CUDA-graph capturable).
+below, which the backward regenerates. Element j of a call (row-major index of the logical
+shape, whatever the memory layout) has e = offset + j; Philox4x32-10 (philox.py) of counter
+(q lo, q hi, 0, STREAM_DROPOUT) with q = e >> 2, key seed, gives four words; e takes word
+e & 3 and is kept iff uniform(word) >= float32(p). Four elements share one Philox call.
+
+(seed, offset) travel as an int64 tensor `rng` of shape (2,) on the input's device, read there
+(no host sync, CUDA-graph capturable). The modules draw it for each training call from torch's
+generator of the input's device (draw_rng): torch.manual_seed makes the masks reproducible, a
+CUDA graph replays fresh draws, and activation checkpointing, which saves and restores that
+generator, recomputes the same mask (layers.py).
 """
 from __future__ import annotations
 
 import math
 import numbers
 
+import numpy as np
 import torch
 
-from .noise_stream import U32, check_counter, philox4x32_10, uniform_torch
+from .noise_stream import check_counter
+from .philox import STREAM_DROPOUT, U32, philox4x32_10, uniform_torch
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu")
+ACTIVATION_IDENTITY, ACTIVATION_RELU, ACTIVATION_LEAKY_RELU = range(3)
 ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}  # the kernels' int
+RNG_HIGH = 2 ** 62  # drawn seeds and offsets lie below: offset + element index stays < 2**63
 
 
 def check_block_args(activation, negative_slope, dropout) -> None:
@@ -43,22 +57,26 @@ def check_rng(rng, device: torch.device) -> None:
         raise ValueError(f"rng is on {rng.device} but the input is on {device}")
 
 
-def new_rng(seed: int | None = None, device=None) -> torch.Tensor:
-    """A (seed, offset = 0) state; without a seed, one drawn from torch's default generator
-    (so torch.manual_seed makes a network's masks reproducible)."""
-    if seed is None:
-        seed = int(torch.randint(0, 2 ** 62, ()))
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 63:
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
-    return torch.tensor([int(seed), 0], dtype=torch.int64, device=device)
+def draw_rng(device) -> torch.Tensor:
+    """A fresh (seed, offset) from torch's generator of `device`, on the device (one small
+    kernel on a GPU, no host sync; graph-safe under CUDA-graph capture, as torch's own dropout)."""
+    return torch.randint(0, RNG_HIGH, (2,), dtype=torch.int64, device=device)
 
 
 def mask_is_active(training: bool, dropout: float) -> bool:
     return bool(training) and dropout > 0.0
 
 
-# The mask stream (documented in reference.py's norm-block section), in torch integer ops.
-_MASK_STREAM = 2
+def negative_side_slope(activation: int, negative_slope: float) -> float:
+    """act'(z) where z <= 0 for an activation code: relu is leaky_relu with slope 0, identity
+    has slope 1."""
+    return {ACTIVATION_IDENTITY: 1.0, ACTIVATION_RELU: 0.0}.get(activation, float(negative_slope))
+
+
+def keep_scale(p: float) -> float:
+    """float32(1 / (1 - p)), the factor of kept values (nn.Dropout's), as every backend applies
+    it; computed without creating a tensor (layers call this once a call)."""
+    return float(np.float32(1.0 / (1.0 - p)))
 
 
 def _counter_value(name: str, value):
@@ -71,7 +89,7 @@ def _counter_value(name: str, value):
 
 
 def dropout_keep_mask(shape, p: float, *, seed=0, offset=0, device="cpu") -> torch.Tensor:
-    """Boolean keep mask of `shape` for dropout probability p, from the counter-based stream."""
+    """Boolean keep mask of `shape` for dropout probability p: the stream above in torch ops."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability must lie in [0, 1), got {p!r}")
     seed, offset = _counter_value("seed", seed), _counter_value("offset", offset)
@@ -79,11 +97,6 @@ def dropout_keep_mask(shape, p: float, *, seed=0, offset=0, device="cpu") -> tor
     e = offset + torch.arange(numel, dtype=torch.int64, device=device)
     q = e >> 2
     zero = torch.zeros_like(e)
-    words = torch.stack(philox4x32_10(seed, q & U32, q >> 32, zero, zero + _MASK_STREAM))
+    words = torch.stack(philox4x32_10(seed, q & U32, q >> 32, zero, zero + STREAM_DROPOUT))
     r = words.gather(0, (e & 3).unsqueeze(0)).squeeze(0)
     return (uniform_torch(r) >= p).view(shape)
-
-
-def dropout_scale(p: float) -> float:
-    """The factor of kept values, 1 / (1 - p): applied in float32 by every backend."""
-    return 1.0 / (1.0 - p)

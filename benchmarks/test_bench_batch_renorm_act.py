@@ -1,7 +1,7 @@
 """The norm block (BatchRenorm -> LeakyReLU -> Dropout, training) forward and forward+backward:
 the fused block on each backend present beside the compositions it replaces.
 
-Each benchmark first checks its implementation on its own input (norm_block_cases.check_block);
+Each benchmark first checks its implementation on its own input (batch_renorm_act_cases.check_block);
 a backend that is not here is skipped with the reason. The forward rows run without autograd
 recording; the forward+backward rows take dx, dweight and dbias with autograd.grad and record
 what the step keeps for backward (saved tensors' bytes; CUDA's peak allocation on a GPU).
@@ -16,7 +16,7 @@ import torch
 from .batch_renorm_cases import renorm_bytes, renorm_input
 from .common import Unavailable, autograd_memory, rotation_count, tensor_bytes
 from .conftest import DEVICE, SIZE, checked_or_skipped
-from .norm_block_cases import BLOCK_IMPLS, block_cases, block_impl, check_block, forward_backward
+from .batch_renorm_act_cases import BLOCK_IMPLS, block_cases, block_impl, check_block, forward_backward
 
 CASES = {case.id: case for case in block_cases(SIZE, DEVICE)}
 

@@ -1,6 +1,6 @@
 """The norm block's CPU target, measured in one process:
 
-    python -m benchmarks.tools.norm_block_target --out benchmarks/results/<cpu>-<date>
+    python -m benchmarks.tools.batch_renorm_act_target --out benchmarks/results/<cpu>-<date>
 
 Forward+backward (training, LeakyReLU(0.1), dropout 0.05) at (32, 64, 128, 128) fp32 contiguous
 on the CPU: FusedBatchRenormAct2d(backend="cpu") against nn.BatchNorm2d -> LeakyReLU -> Dropout
@@ -9,9 +9,9 @@ block at <= 0.3x eager and <= 0.5x compiled. Where speckle_kernels/batch_renorm_
 the block's two compile designs (its batch_renorm_act(..., decomposed=)), each is a row too:
 torch.compile(block, fullgraph=True) with (a) the fused forward op, (b) the statistics op and the
 element pass as torch ops (benchmarks/tools/compile_designs.py compares them inside a U-Net step).
-The block is first checked with the block kit (norm_block_cases.check_block).
+The block is first checked with the block kit (batch_renorm_act_cases.check_block).
 
-Writes norm_block_target.md and .json in --out (atomically). Exit status: 0 when measured (met
+Writes batch_renorm_act_target.md and .json in --out (atomically). Exit status: 0 when measured (met
 or not: the report says), 2 when the block's CPU kernel is missing here.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from speckle_models.atomic_write import atomic_write_text
 
 from ..batch_renorm_cases import renorm_input
 from ..common import Unavailable, compile_fresh, device_name, time_calls
-from ..norm_block_cases import block_impl, check_block, forward_backward
+from ..batch_renorm_act_cases import block_impl, check_block, forward_backward
 
 TARGETS = {"bn2d-act-drop-eager": 0.3, "bn2d-act-drop-compiled": 0.5}  # block time / baseline time
 
@@ -89,7 +89,7 @@ def markdown(report: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="The norm block's CPU target: block vs BN2d+LeakyReLU+Dropout.")
-    p.add_argument("--out", type=Path, required=True, help="folder for norm_block_target.md/.json")
+    p.add_argument("--out", type=Path, required=True, help="folder for batch_renorm_act_target.md/.json")
     p.add_argument("--shape", default="32,64,128,128", help="N,C,H,W (default: the target's)")
     p.add_argument("--reps", type=int, default=5, help="timed calls per row (at least 5)")
     p.add_argument("--warmup", type=int, default=2)
@@ -124,9 +124,9 @@ def main(argv=None) -> int:
               "reps": args.reps, "warmup": args.warmup, "date": time.strftime("%Y-%m-%d %H:%M"),
               "rows": rows, "ratios": ratios}
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "norm_block_target.json", json.dumps(report, indent=1))
-    atomic_write_text(args.out / "norm_block_target.md", markdown(report))
-    print(f"wrote {args.out / 'norm_block_target.md'}")
+    atomic_write_text(args.out / "batch_renorm_act_target.json", json.dumps(report, indent=1))
+    atomic_write_text(args.out / "batch_renorm_act_target.md", markdown(report))
+    print(f"wrote {args.out / 'batch_renorm_act_target.md'}")
     return 2 if "skipped" in by_name["block-cpu"] else 0
 
 

@@ -1,9 +1,10 @@
 """FusedBatchRenormAct1d/2d/3d: the norm block's module contract.
 
-Drop-in state_dicts from FusedBatchRenorm*d, the mask stream's state (advanced on the device
-by each training call, reproducible under torch.manual_seed), nn.Dropout's semantics (off in
-eval, nothing drawn at p = 0), bad input, no host synchronization, torch.compile (one graph)
-and opcheck of the C++ ops. Accuracy on every backend is tests/test_batch_renorm_act.py's.
+Drop-in state_dicts from FusedBatchRenorm*d, the masks (each training call's (seed, offset)
+drawn from torch's generator of the input's device, so torch.manual_seed reproduces them),
+nn.Dropout's semantics (off in eval, nothing drawn at p = 0), bad input, no host
+synchronization, torch.compile (one graph) and opcheck of the C++ ops. Activation
+checkpointing is tests/test_checkpoint.py's. Accuracy on every backend is tests/test_batch_renorm_act.py's.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 import speckle_kernels as sk
 from speckle_kernels import FusedBatchRenorm2d, FusedBatchRenormAct1d, FusedBatchRenormAct2d, FusedBatchRenormAct3d
+from speckle_kernels.batch_renorm_act_contract import RNG_HIGH
 from speckle_kernels.reference import batch_renorm_reference, dropout_keep_mask
 
 from speckle_kernels.testing.backends import BACKENDS, require
@@ -33,15 +35,11 @@ def test_renorm_state_dict_loads_strictly(dropout):
             t.copy_(torch.randn(5))
         src.running_std.copy_(torch.rand(5) + 0.5)
         src.num_batches_tracked.fill_(123)
-    block = FusedBatchRenormAct2d(5, dropout=dropout, seed=9)
+    block = FusedBatchRenormAct2d(5, dropout=dropout)
     block.load_state_dict(src.state_dict())  # strict
     for key, value in src.state_dict().items():
         assert torch.equal(block.state_dict()[key], value)
-    if dropout:
-        assert block.dropout_rng.tolist() == [9, 0]  # its own stream, kept
-        assert "dropout_rng" in block.state_dict()  # and saved with it, for resumption
-    else:
-        assert set(block.state_dict()) == set(src.state_dict())
+    assert set(block.state_dict()) == set(src.state_dict())  # the masks keep no state of their own
 
 
 def test_eval_output_is_norm_then_activation():
@@ -50,46 +48,57 @@ def test_eval_output_is_norm_then_activation():
     want = F.leaky_relu(batch_renorm_reference(x, block.running_mean.clone(), block.running_std.clone(),
                                                block.num_batches_tracked.clone(), block.weight, block.bias,
                                                training=False), 0.2)
+    state = torch.get_rng_state()
     assert torch.equal(block(x), want)
-    assert block.dropout_rng.tolist()[1] == 0  # eval draws nothing
+    assert torch.equal(torch.get_rng_state(), state)  # eval draws nothing
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_stream_advances_on_the_device_and_masks_follow_it(backend):
+def test_masks_come_from_torchs_generator(backend):
+    # each training call draws (seed, offset) with torch.randint on the input's device, as
+    # nn.Dropout draws its mask from that generator: the mask is the stream's for that draw
     device = require(backend)
-    block = FusedBatchRenormAct2d(3, dropout=0.3, activation="identity", seed=2 ** 35 + 1,
-                                  backend=backend).to(device)
+    block = FusedBatchRenormAct2d(3, dropout=0.3, activation="identity", backend=backend).to(device)
     with torch.no_grad():
         block.bias.fill_(10.0)  # kept values far from 0
     x = torch.rand(2, 3, 5, 7, device=device) + 1
-    masks = []
-    for call in range(2):
-        masks.append(block(x) != 0)
-        assert block.dropout_rng.tolist() == [2 ** 35 + 1, (call + 1) * x.numel()]
-    for call, mask in enumerate(masks):
-        want = dropout_keep_mask(tuple(x.shape), 0.3, seed=2 ** 35 + 1, offset=call * x.numel(), device=device)
+    torch.manual_seed(5)
+    masks = [block(x) != 0 for _ in range(2)]
+    torch.manual_seed(5)
+    for mask in masks:
+        seed, offset = torch.randint(0, RNG_HIGH, (2,), dtype=torch.int64, device=device).tolist()
+        want = dropout_keep_mask(tuple(x.shape), 0.3, seed=seed, offset=offset, device=device)
         assert torch.equal(mask, want)
+    assert not torch.equal(masks[0], masks[1])  # two calls, two masks
 
 
-def test_seed_comes_from_torch_manual_seed():
-    torch.manual_seed(3)
-    a = FusedBatchRenormAct2d(4, dropout=0.1)
-    torch.manual_seed(3)
-    b = FusedBatchRenormAct2d(4, dropout=0.1)
-    c = FusedBatchRenormAct2d(4, dropout=0.1)
-    assert torch.equal(a.dropout_rng, b.dropout_rng)
-    assert not torch.equal(b.dropout_rng, c.dropout_rng)  # two layers: two streams
+def test_masks_are_reproducible_under_torch_manual_seed():
+    x = torch.rand(4, 4, 6, 6) + 1
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        a, b = FusedBatchRenormAct2d(4, dropout=0.2), FusedBatchRenormAct2d(4, dropout=0.2)
+        runs.append([a(x) == 0, b(x) == 0])
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert not torch.equal(runs[0][0], runs[0][1])  # two layers: two masks
 
 
-def test_no_dropout_keeps_no_stream():
-    block = FusedBatchRenormAct2d(4)
-    assert block.dropout_rng is None and "dropout_rng" not in block.state_dict()
+def test_no_dropout_draws_nothing():
+    block, x = FusedBatchRenormAct2d(4), _x(2, 4, 3, 3)
+    state = torch.get_rng_state()
+    block(x).sum().backward()
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_seed_argument_is_retired_with_a_warning():
+    with pytest.warns(FutureWarning, match="seed=.* is ignored"):
+        FusedBatchRenormAct2d(3, dropout=0.1, seed=5)
 
 
 @pytest.mark.parametrize("module,shape", [(FusedBatchRenormAct1d, (6, 4)), (FusedBatchRenormAct1d, (3, 4, 5)),
                                           (FusedBatchRenormAct3d, (2, 4, 3, 3, 2))])
 def test_other_ranks(module, shape):
-    block = module(4, dropout=0.25, seed=1)
+    block = module(4, dropout=0.25)
     x = _x(*shape)
     y = block(x)
     y.sum().backward()
@@ -101,7 +110,6 @@ def test_other_ranks(module, shape):
     (dict(activation="gelu"), ValueError, "activation must be one of .* got 'gelu'"),
     (dict(dropout=1.0), ValueError, r"dropout must lie in \[0, 1\), got 1.0"),
     (dict(negative_slope=math.nan), ValueError, "negative_slope must be a finite number, got nan"),
-    (dict(dropout=0.1, seed=-5), ValueError, "seed must be an int in .* got -5"),
 ])
 def test_bad_constructor_arguments(kwargs, exc, pattern):
     with pytest.raises(exc, match=pattern):
@@ -147,13 +155,17 @@ def test_compile_fullgraph_one_graph_same_results(backend):
     compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
     for step in range(2):
         x = torch.randn(3, 2, 6, 6)
-        y_eager, y_comp = eager(x), compiled(x)
+        torch.manual_seed(step)  # both draw their masks from the same generator state
+        y_eager = eager(x)
+        torch.manual_seed(step)
+        y_comp = compiled(x)
         assert_close(y_comp, y_eager, atol=1e-5, rtol=1e-5, name=f"y step {step}")
         y_eager.square().mean().backward()
         y_comp.square().mean().backward()
     for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters()):
         assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, name=name)
-    assert torch.equal(eager[1].dropout_rng, compiled_model[1].dropout_rng)
+    for a, b in zip(eager[1].buffers(), compiled_model[1].buffers()):
+        assert torch.equal(a, b)
 
 
 def test_opcheck_cpu_block_ops():
