@@ -1,5 +1,6 @@
 // The norm block on the CPU: BatchRenorm -> activation -> dropout (csrc/include/norm_block_math.h)
-// in the passes of plain BatchRenorm (batch_renorm_passes.h), through element hooks:
+// in the passes of plain BatchRenorm (batch_renorm_forward.h, batch_renorm_backward.h), through
+// element hooks (their contract: batch_renorm_tasks.h):
 //   forward   the statistics pass, then ONE pass x -> y = keep ? act(z) * keep_scale : 0
 //   backward  g = act'(z) * (keep ? dy * keep_scale : 0), z recomputed from x and the stats,
 //             the mask regenerated; then the BatchRenorm backward on g (sums, finalize, dx)
@@ -16,7 +17,8 @@
 #include <cstring>
 #include <vector>
 
-#include "batch_renorm_passes.h"
+#include "batch_renorm_backward.h"
+#include "batch_renorm_forward.h"
 #include "noise_lanes.h"
 
 namespace speckle::cpu::CPU_CAPABILITY {  // one copy per variant (csrc/variants/)
@@ -129,7 +131,7 @@ inline fVec keep_lanes(const fVec& v, uint32_t bits) {
 #endif
 }
 
-// The block's element hooks (batch_renorm_chunks.h). scale/shift: the stats rows that give z
+// The block's element hooks (batch_renorm_tasks.h). scale/shift: the stats rows that give z
 // in the backward (null in the forward, whose hooks receive z itself).
 struct BlockHooks {
   static constexpr bool kActive = true;

@@ -25,9 +25,10 @@
 // small) and whole channels balance across the threads; channels-last rows interleave every
 // channel, so it always splits.
 //
-// The passes and schedules live in batch_renorm_passes.h / batch_renorm_chunks.h, shared with
-// the norm block (batch_renorm_act_cpu.cpp); this file holds the schedule choice and the plain
-// ops' entry points.
+// The passes live one a file, each with both schedules, shared with the norm block
+// (batch_renorm_act_cpu.cpp): batch_renorm_stats.h (statistics), batch_renorm_forward.h,
+// batch_renorm_backward.h, on the task frame of batch_renorm_tasks.h. This file holds the
+// schedule choice and the plain ops' entry points.
 #include <ATen/ATen.h>
 
 #include <cstdint>
@@ -36,7 +37,8 @@
 #include <fstream>
 #include <string>
 
-#include "batch_renorm_passes.h"
+#include "batch_renorm_backward.h"
+#include "batch_renorm_forward.h"
 
 namespace speckle::cpu::CPU_CAPABILITY {  // one copy per variant (csrc/variants/)
 namespace {
