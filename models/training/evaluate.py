@@ -22,13 +22,15 @@ from speckle_models.training.config import TrainConfig
 def load_data(config: TrainConfig):
     """The dataset the config names (phantom or a folder/file of ultrasound images)."""
     from speckle_models.data.datasets import load_dataset
+    from speckle_models.data.phantom import PHANTOM_VERSION
 
     if config.data != "phantom" and not os.path.exists(config.data):
         raise ValueError(f"data path {config.data!r} does not exist")
     return load_dataset(config.data, image_size=config.image_size, seed=config.seed,
                         val_fraction=config.val_fraction, count=config.count,
                         test_count=config.test_count, cache_dir=config.cache_dir,
-                        progress=config.progress)
+                        progress=config.progress, phantom_seed=config.phantom_seed or 0,
+                        phantom_version=config.phantom_version or PHANTOM_VERSION)
 
 
 def check_target(data, config: TrainConfig) -> None:
