@@ -218,13 +218,13 @@ def tune(name: str, noisy: np.ndarray, target: np.ndarray, device=None, domain: 
 
 
 def run_baselines(val_noisy: np.ndarray, val_target: np.ndarray, test_noisy: np.ndarray,
-                  filters=None, device=None, domains=("display",)) -> dict:
+                  filters=None, device=None, domains=("display",), log=None) -> dict:
     """Tune each filter in each domain on the validation images, keep the better domain, then
     denoise the test images.
 
     filters: names from FILTERS (default: available_filters(), i.e. BM3D only when its package
     is installed). device: where the torch filters run (default CPU; the timing then includes
-    the copies to and from it). Returns {name: {"params", "domain", "marks", "val_psnr",
+    the copies to and from it). log: called with one line per filter when it is done. Returns {name: {"params", "domain", "marks", "val_psnr",
     "domains": {domain: {"params", "marks", "val_psnr", "grid", "evaluated"}}, "denoised"
     (N, H, W), "val_denoised", "time_s", "seconds_per_image", "tune_time_s", "n_images",
     "device"}}.
@@ -262,4 +262,8 @@ def run_baselines(val_noisy: np.ndarray, val_target: np.ndarray, test_noisy: np.
             "val_denoised": apply_all(name, val_noisy, on, domain, **chosen["params"]),
             "time_s": seconds, "seconds_per_image": seconds / max(n, 1),
             "tune_time_s": t1 - t0, "n_images": n, "device": str(on)}
+        if log is not None:
+            log(f"{name}: {domain}, {chosen['params']}, validation PSNR {chosen['score']:.2f} dB, "
+                f"tuned in {t1 - t0:.0f} s ({sum(r['evaluated'] for r in per_domain.values())} points), "
+                f"{seconds / max(n, 1) * 1e3:.3g} ms per test image")
     return results

@@ -167,7 +167,9 @@ def run_filters(args, runs: Path, level: Level, config, seed: int, sets: dict, d
     if cached is not None:
         return cached["filters"]
     out = run_baselines(vn[:, 0].double().numpy(), vt[:, 0].double().numpy(),
-                        tn[:, 0].double().numpy(), filters=names, device=device, domains=domains)
+                        tn[:, 0].double().numpy(), filters=names, device=device, domains=domains,
+                        log=lambda line: print(f"[{level.slug} seed {seed}] {line}", file=sys.stderr,
+                                               flush=True))
     filters = {}
     for name, res in out.items():
         den = torch.from_numpy(res["denoised"])[:, None]

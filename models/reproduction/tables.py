@@ -10,9 +10,10 @@ How the numbers are made (the Markdown repeats this under "How the numbers are m
   the metric is undefined, e.g. gCNR without a lesion, left out), then the mean ± sample std
   (n - 1) of those per-seed means over the seeds (no ± with one seed).
 - Filters: tuned per seed on that seed's first validation images (best mean PSNR; the grid
-  grows until the chosen values are inside it, tuning.py), in each domain (display values,
-  and intensities for the despeckling table; baselines.py), the better domain kept.
-  Run time per image: the test images' run, tuning not included.
+  grows until the chosen values are inside it, tuning.py), in the filter's design domain and
+  on display values (despeckling table; the paper's protocol: display values), the better on
+  validation kept (baselines.py). Run time per image: the test images' run, tuning not
+  included, on this table's device and CPU threads.
 - Best filter, per metric: the filter with the highest validation mean of that metric
   (averaged over the seeds), never chosen on test images.
 - Comparisons: for each network, level and compared metric, d_{s,i} = network - best filter
