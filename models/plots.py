@@ -95,3 +95,35 @@ def method_grid(rows: list[tuple[str, list[tuple[str, torch.Tensor]]]], path: Pa
                 ax.set_ylabel(label, fontsize=8)
     fig.suptitle(title, fontsize=9)
     _save(fig, path)
+
+
+def comparison_intervals(summary: dict, levels, models, path: Path, *, title: str = "") -> None:
+    """Network minus best filter per compared metric: the mean difference and its interval,
+    one panel per metric, one row per network and level; filled where Holm-significant."""
+    from speckle_models import DISPLAY_NAMES
+    from speckle_models.reproduction.scoring import METRIC_NAMES
+
+    plt = _figure()
+    metrics = summary[levels[0].slug]["compared"]
+    rows = [(m, lv) for m in models for lv in levels]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(2.6 * len(metrics) + 1.5, 0.35 * len(rows) + 1.3),
+                             squeeze=False, sharey=True)
+    for ax, metric in zip(axes[0], metrics):
+        for y, (m, lv) in enumerate(rows):
+            c = summary[lv.slug]["comparisons"][m].get(metric)
+            if c is None:
+                continue
+            filled = c.get("significant", False)
+            ax.errorbar(c["mean"], y, xerr=[[c["mean"] - c["low"]], [c["high"] - c["mean"]]],
+                        fmt="o", ms=4, capsize=2, color="C0" if filled else "C7",
+                        mfc="C0" if filled else "white")
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_title(f"Δ {METRIC_NAMES[metric]}", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_yticks(range(len(rows)))
+    axes[0][0].set_yticklabels([f"{DISPLAY_NAMES[m]} {lv.label}" for m, lv in rows], fontsize=7)
+    axes[0][0].invert_yaxis()
+    fig.suptitle(title + "\nfilled: Holm-adjusted p < 0.05", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)

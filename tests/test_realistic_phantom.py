@@ -79,9 +79,9 @@ def test_classic_phantom_is_the_original_formula():
     g = torch.Generator().manual_seed(3)
     density = 0.1 + 0.9 * echo
     occupied = torch.rand(echo.shape, generator=g) < density
-    amplitude = torch.randn(echo.shape, generator=g) * torch.sqrt(P._reflectivity(echo) / density)
+    amplitude = torch.randn(echo.shape, generator=g) * torch.sqrt(P.reflectivity(echo) / density)
     original = P.analytic_rf(torch.where(occupied, amplitude, torch.zeros(()))).abs().transpose(1, 2)
-    assert torch.equal(got, original * (1.0 / math.sqrt(P._psf_energy())))
+    assert torch.equal(got, original * (1.0 / math.sqrt(P.psf_energy())))
     assert torch.equal(P.mean_intensity(echo), P.mean_intensity(echo, reflectivity_scale=torch.ones(())))
 
 

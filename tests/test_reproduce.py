@@ -16,11 +16,10 @@ from speckle_models.reproduction import tables as report
 from speckle_models.reproduction import reproduce
 from speckle_models.training import loop as L
 from speckle_models.training import train as T
-from speckle_models.reproduction.baselines import available_filters
 from speckle_models.training.config import VAL_NOISE_SEED, TrainConfig
 from speckle_models.training.evaluate import eval_pair, image_scores, noisy_eval_set, predict
 from speckle_models.training.pairs import PairBatches, normalize_u8
-from speckle_models.reproduction.stats import bootstrap_mean_ci, excludes_zero, mean_std
+from speckle_models.reproduction.stats import bootstrap_mean_ci, excludes_zero, holm, mean_std, two_level_bootstrap
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -144,8 +143,9 @@ def test_mean_std():
 
 TINY = ["--preset", "quick", "--image-size", "16", "--count", "24", "--test-count", "8",
         "--epochs", "1", "--batch-size", "4", "--width", "4", "--device", "cpu", "--no-progress"]
+FILTERS = ["median", "lee", "frost", "obnlm"]
 MAIN = ["--models", "d-unet", "di-conv-ae", "--noise", "both", "--factors", "1", "10",
-        "--rayleigh-sigmas", "0.5", "--seeds", "2", "--baseline-count", "4"]
+        "--rayleigh-sigmas", "0.5", "--seeds", "2", "--baseline-count", "4", "--filters", *FILTERS]
 
 
 @pytest.fixture(scope="module")
@@ -177,29 +177,31 @@ def test_both_noise_tables_from_one_call(both_tables):
     for name in ("table2_gaussian", "table2_rayleigh"):
         for ext in (".md", ".csv", ".json"):
             assert (out / f"{name}{ext}").stat().st_size > 0
-        assert _png(out / f"{name}_val_loss.png") and _png(out / f"{name}_grid.png")
+        for fig in ("val_loss", "grid", "intervals"):
+            assert _png(out / f"{name}_{fig}.png")
     assert not [p for p in out.rglob(".*")]                     # no temp files left
     gauss = (out / "table2_gaussian.md").read_text()
-    assert "D-U-Net x1" in gauss and "Di-Conv-AE-Net x10" in gauss and "24.9299" in gauss
+    assert "D-U-Net x1" in gauss and "Di-Conv-AE-Net x10" in gauss and "24.93" in gauss
     ray = (out / "table2_rayleigh.md").read_text()
-    assert "D-U-Net σ=0.5" in ray and "24.9299" not in ray      # the paper's table is Gaussian only
+    assert "σ=0.5" in ray and "24.93" not in ray                  # the paper's table is Gaussian only
+    assert "standardized" not in ray or "zero mean, unit variance" in ray
+    assert "R ~ Rayleigh(1) (zero mean, unit variance)" in ray
     for text in (gauss, ray):
-        for name in ("median", "total variation", "non-local means", "Lee", "Frost", "SRAD", "noisy input"):
-            assert name in text
-    # the runs: the level's noise settings and each seed
+        for name in ("median", "Lee", "Frost", "OBNLM", "noisy input",
+                     "two-level bootstrap", "Holm", "BM3D: not run"):
+            assert name in text, name
+    # each seed is its own experiment: its own phantom draw and split
     ckpt = torch.load(out / "runs" / "table2_rayleigh" / "di-conv-ae-sigma0.5-s1" / "checkpoint.pt",
                       weights_only=True)["config"]
     assert (ckpt["distribution"], ckpt["noise_factor"], ckpt["sigma_mult"], ckpt["seed"]) == ("rayleigh", 1.0, 0.5, 1)
-    ckpt = torch.load(out / "runs" / "table2_gaussian" / "d-unet-x10-s0" / "checkpoint.pt",
-                      weights_only=True)["config"]
-    assert (ckpt["distribution"], ckpt["noise_factor"], ckpt["sigma_mult"], ckpt["seed"]) == ("gaussian", 10.0, 0.1, 0)
+    assert ckpt["phantom_seed"] == 1 and ckpt["phantom_version"] == 3
     # the grid: one row per level; clean, noisy, every filter, every network
     assert [g[0] for g in grids] == ["table2_gaussian_grid.png", "table2_rayleigh_grid.png"]
     rows = grids[0][1]
     assert [r[0] for r in rows] == ["x1", "x10"]
     names = [n for n, _ in rows[0][1]]
     assert names[:2] == ["clean", "noisy"] and names[-2:] == ["D-U-Net", "Di-Conv-AE-Net"]
-    assert len(names) == 4 + len(available_filters())
+    assert len(names) == 4 + len(FILTERS)
     assert all(img.shape[-2:] == (16, 16) and 0 <= img.min() and img.max() <= 1
                for _, images in rows for _, img in images)
 
@@ -207,45 +209,49 @@ def test_both_noise_tables_from_one_call(both_tables):
 def test_seeds_give_mean_and_std(both_tables):
     out, _ = both_tables
     doc = json.loads((out / "table2_gaussian.json").read_text())
+    per_image = doc["per_image_per_seed"]
     for level in ("x1", "x10"):
         for model in ("d-unet", "di-conv-ae"):
-            net = doc["summary"][level]["networks"][model]
-            per = [r["psnr"] for r in net["per_seed"]]
-            assert net["seeds"] == [0, 1] and len(set(per)) == 2
-            assert net["psnr_mean"] == pytest.approx(np.mean(per))
-            assert net["psnr_std"] == pytest.approx(np.std(per, ddof=1))
-            assert net["ssim_std"] == pytest.approx(np.std([r["ssim"] for r in net["per_seed"]], ddof=1))
+            row = doc["summary"][level]["rows"][model]
+            per = row["per_seed"]["psnr"]
+            assert len(per) == 2 and len(set(per)) == 2
+            assert per == pytest.approx([np.mean(v) for v in per_image[level][model]["psnr"]])
+            assert row["mean"]["psnr"] == pytest.approx(np.mean(per))
+            assert row["std"]["psnr"] == pytest.approx(np.std(per, ddof=1))
             # a 255 data range on [0, 1] images pushes SSIM to ~1 (the paper's 0.9999)
-            assert net["ssim_range255"] > 0.99 > net["ssim_mean"]
-            assert net["seconds_per_image"] > 0
-    text = (out / "table2_gaussian.md").read_text()
-    psnr_row = next(line for line in text.splitlines() if line.startswith("| PSNR (dB) |"))
-    assert psnr_row.count("±") == 4
-    assert "mean ± std over 2 seeds" in text and "Inference per image" in text
+            assert row["ssim_range255"] > 0.99 > row["mean"]["ssim"]
+            assert row["seconds_per_image"] > 0
+    # the two seeds drew different phantoms: their test images differ
+    noisy = per_image["x1"]["noisy"]["psnr"]
+    assert len(noisy) == 2 and noisy[0] != noisy[1]
 
 
-def test_paired_comparison_to_the_best_filter(both_tables):
+def test_best_filter_per_metric_on_validation_and_two_level_intervals(both_tables):
     out, _ = both_tables
     doc = json.loads((out / "table2_rayleigh.json").read_text())
     s = doc["summary"]["sigma0.5"]
-    best = max(s["filters"], key=lambda f: s["filters"][f]["psnr"])
-    assert s["best_filter"] == best
-    per = doc["per_image_first_k"]["sigma0.5"]
-    assert len(per[best]) == 4 and np.mean(per[best]) == pytest.approx(s["filters"][best]["psnr"])
-    for model in ("d-unet", "di-conv-ae"):
-        vs = s["networks"][model]["vs_best"]
-        assert vs["filter"] == best
-        d = np.array(per[model]) - np.array(per[best])       # seed-averaged network minus filter
-        assert vs["psnr"] == bootstrap_mean_ci(d)
-        assert vs["psnr"]["low"] <= vs["psnr"]["mean"] <= vs["psnr"]["high"]
+    per = doc["per_image_per_seed"]["sigma0.5"]
+    for metric in ("psnr", "ssim"):
+        best = max(s["filters"], key=lambda f: s["filters"][f]["val"][metric])
+        assert s["best_filter"][metric] == best
+        for model in ("d-unet", "di-conv-ae"):
+            c = s["comparisons"][model][metric]
+            assert c["filter"] == best
+            d = [np.array(a) - np.array(b) for a, b in zip(per[model][metric], per[best][metric])]
+            want = two_level_bootstrap(d)
+            assert c["mean"] == pytest.approx(want["mean"]) and c["low"] == pytest.approx(want["low"])
+            assert c["p"] == pytest.approx(want["p"]) and c["seeds"] == 2
+            assert c["low"] <= c["mean"] <= c["high"]
+    # Holm over every comparison of the table: 2 networks x 2 metrics x 1 level
+    found = [c for per_m in s["comparisons"].values() for c in per_m.values()]
+    assert all(c["family"] == 4 for c in found)
+    assert [c["p_holm"] for c in found] == pytest.approx(holm([c["p"] for c in found]))
     for f, r in s["filters"].items():
-        assert r["seconds_per_image"] > 0 and r["params"], f
+        assert len(r["params"]) == 2 and set(r["domain"]) == {"display"}, f
     rows = list(csv.DictReader(io.StringIO((out / "table2_rayleigh.csv").read_text())))
     nets = [r for r in rows if r["kind"] == "network"]
-    assert len(nets) == 2 and all(r["best_filter"] and r["dpsnr_low"] and r["seconds_per_image"] for r in nets)
+    assert len(nets) == 2 and all(r["dpsnr_vs"] and r["dpsnr_low"] and r["dpsnr_p_holm"] for r in nets)
     assert {r["kind"] for r in rows} == {"input", "filter", "network"}
-    text = (out / "table2_rayleigh.md").read_text()
-    assert "Networks minus the best filter" in text and "bootstrap interval" in text
 
 
 def test_resume_reuses_runs_scores_and_filters(both_tables, cache_dir, monkeypatch):
@@ -261,7 +267,10 @@ def test_resume_reuses_runs_scores_and_filters(both_tables, cache_dir, monkeypat
     assert reproduce.main(["--out", str(out), "--cache-dir", cache_dir, *TINY, *MAIN, "--resume"]) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*") if p.is_file()} == before
     new = json.loads((out / "table2_gaussian.json").read_text())
-    assert new["summary"] == old["summary"] and new["per_image_first_k"] == old["per_image_first_k"]
+    assert new["summary"] == old["summary"] and new["per_image_per_seed"] == old["per_image_per_seed"]
+    # a seed run on its own (another process) is picked up by the run over all seeds
+    one = ["--seeds", "1", "--seed", "1"]
+    assert reproduce.main(["--out", str(out), "--cache-dir", cache_dir, *TINY, *MAIN, *one, "--resume"]) == 0
     # without --resume finished runs are not silently trained again
     with pytest.raises(SystemExit):
         reproduce.main(["--out", str(out), "--cache-dir", cache_dir, *TINY, *MAIN])
@@ -271,16 +280,24 @@ def test_reproduce_speckle_free_table(tmp_path, cache_dir, tiny_data):
     out = tmp_path / "despeckle"
     assert reproduce.main(["--out", str(out), "--cache-dir", cache_dir, *TINY, "--target", "speckle-free",
                            "--models", "d-unet", "--factors", "0", "--sigma-add", "0",
-                           "--baseline-count", "3"]) == 0
+                           "--baseline-count", "3", "--filters", "lee", "median"]) == 0
     text = (out / "despeckle_gaussian.md").read_text()
-    assert text.startswith("# Despeckling") and "target speckle-free" in text and "24.9299" not in text
+    assert text.startswith("# Despeckling") and "target speckle-free" in text and "24.93" not in text
+    assert "none added: the phantom's physical speckle only" in text and "speckle only" in text
+    for name in ("gCNR", "Pratt's FOM", "β", "speckle SNR", "ENL", "the target", "design domain"):
+        assert name in text, name
     doc = json.loads((out / "despeckle_gaussian.json").read_text())
     s = doc["summary"]["x0"]
     # no added noise: the input row is the speckled image scored against its speckle-free map
-    speckled01, maps01 = tiny_data.test.double() / 255, tiny_data.test_clean.double() / 255
-    assert s["noisy"]["psnr_all"] == pytest.approx(psnr(speckled01, maps01).mean().item(), abs=1e-4)
-    assert s["noisy"]["ssim_all"] == pytest.approx(ssim(speckled01, maps01).mean().item(), abs=1e-4)
-    assert s["networks"]["d-unet"]["vs_best"]["psnr"]["n"] == 3
+    # (seed 0's phantom is tiny_data's: the same cache)
+    speckled01, maps01 = tiny_data.test[:3].double() / 255, tiny_data.test_clean[:3].double() / 255
+    assert s["rows"]["noisy"]["mean"]["psnr"] == pytest.approx(psnr(speckled01, maps01).mean().item(), abs=1e-4)
+    assert s["rows"]["noisy"]["mean"]["ssim"] == pytest.approx(ssim(speckled01, maps01).mean().item(), abs=1e-4)
+    assert s["rows"]["target"]["mean"]["fom"] == pytest.approx(1.0)
+    assert s["comparisons"]["d-unet"]["psnr"]["n"] == [3]
+    assert set(s["filters"]["lee"]["domain"]) <= {"display", "intensity"}
+    assert s["filters"]["median"]["val_psnr_by_domain"].keys() == {"display"}
+    assert "met" in s["target_check"]["d-unet"]
     cfg = torch.load(out / "runs" / "despeckle_gaussian" / "d-unet-x0-s0" / "checkpoint.pt",
                      weights_only=True)["config"]
     assert cfg["target"] == "speckle-free" and cfg["noise_factor"] == 0.0 and cfg["sigma_add"] == 0.0
@@ -290,6 +307,8 @@ def test_reproduce_cli_errors(tmp_path, capsys, cache_dir):
     out = tmp_path / "rep"
     for argv, msg in ((["--seeds", "0"], "--seeds must be >= 1"),
                       (["--noise", "speckle"], "invalid choice"),
+                      (["--filters", "wiener"], "invalid choice"),
+                      (["--target", "speckle-free", "--noise", "rayleigh"], "one table"),
                       (["--distribution", "rayleigh"], "unrecognized arguments")):
         with pytest.raises(SystemExit) as e:
             reproduce.main(["--out", str(out), "--cache-dir", cache_dir, *TINY, *argv])

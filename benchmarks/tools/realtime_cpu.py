@@ -17,7 +17,10 @@ data/phantom.py, cropped from 640x640 images, written as an 8-bit multi-page TIF
   the compile break-even in frames: setup / (t_eager_path - t_compiled);
 - end to end: speckle-denoise (its main(), default path) from the cine file to a written
   multi-page TIFF, pipelined and with --no-pipeline, frames/s and the decode/network/encode shares.
-Rounds interleave bare and end-to-end runs; medians are reported with their ratio.
+Rounds interleave bare and end-to-end runs; medians are reported with their ratio. Beside
+them: GFLOP a frame (torch's flop counter), this CPU's fp32 matmul rate measured in the same run
+(benchmarks.common.matmul_peak) and the fraction of it each frames/s figure is, with the rate
+30 frames/s would need: the hardware's limit, read against the target.
 Writes realtime.json and realtime.md into --out.
 """
 from __future__ import annotations
@@ -35,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import device_name
+from benchmarks.common import device_name, matmul_peak
 from benchmarks.inference_cases import infer_network
 
 
@@ -136,6 +139,9 @@ def run_width(width: int, checkpoint: Path | None, args, tmp: Path) -> dict:
     tifffile.imwrite(cine, frames, photometric="minisblack", metadata=None)
     result = {"width": width, "checkpoint": str(checkpoint) if args.checkpoints else "random weights, "
               "non-trivial eval norms (benchmarks.inference_cases.infer_network)", "frames": args.frames}
+    from speckle_models.networks.flops import forward_flops
+
+    result["gflop_per_frame"] = forward_flops(model.eval(), to_input(frames[:1])) / 1e9
     result["paths"] = measure_paths(model, frames, args.paths, CPU_BATCH, args.reps)
     rounds = []
     inputs = [to_input(frames[k:k + 1]) for k in range(len(frames))]
@@ -163,6 +169,16 @@ def markdown(report: dict) -> str:
     lines = [f"# Real-time despeckling, {report['device']}, {report['date']}", "",
              f"torch {report['torch']}, {report['threads']} threads, load average at start "
              f"{report['load_avg']:.1f}. Command: `{report['command']}`", "",
+             f"fp32 matmul (512x512, same run): {report['matmul_fp32_gflops']:.1f} GFLOP/s. At "
+             "GFLOP a frame g, 30 frames/s needs 30 g GFLOP/s.", "",
+             "| width | GFLOP a frame | 30 frames/s needs | bare: share of the matmul rate | end to end: share |",
+             "|---|---|---|---|---|"]
+    peak = report["matmul_fp32_gflops"]
+    for w in report["widths"]:
+        g = w["gflop_per_frame"]
+        lines.append(f"| {w['width']} | {g:.2f} | {30 * g:.0f} GFLOP/s ({30 * g / peak:.1f}x the matmul rate) | "
+                     f"{w['bare_fps'] * g / peak:.2f} | {w['end_to_end_fps'] * g / peak:.2f} |")
+    lines += ["",
              "| width | bare eager fp32 (frames/s) | end to end (frames/s) | ratio | loop (frames/s) | "
              "pipeline / loop | path | decode / network / encode share |", "|---|---|---|---|---|---|---|---|"]
     for w in report["widths"]:
@@ -199,7 +215,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     report = {"device": device_name(torch.device("cpu")), "date": date.today().isoformat(),
               "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "load_avg": os.getloadavg()[0], "command": "python -m benchmarks.tools.realtime_cpu " +
+              "load_avg": os.getloadavg()[0],
+              "matmul_fp32_gflops": matmul_peak(torch.device("cpu"))["fp32"] / 1e9,
+              "command": "python -m benchmarks.tools.realtime_cpu " +
               " ".join(sys.argv[1:] if argv is None else argv), "widths": []}
     from speckle_models.atomic_write import atomic_write_text
 

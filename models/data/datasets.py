@@ -15,7 +15,14 @@ a key made of the sorted source file list with sizes and mtimes and is rebuilt w
 changes; the phantom cache is named by its parameters and the phantom version.
 
 Split (paper, section 2.1): the train pool is split 80/20 into train and validation by a
-permutation seeded with `seed` (5635 -> 4508 / 1127); the test set stays apart.
+permutation seeded with `seed` (5635 -> 4508 / 1127); the test set stays apart. The phantom's
+content is drawn from `phantom_seed` (speckle-reproduce passes each training seed, so seeds
+vary the data too) and `phantom_version` (phantom.PHYSICS); its cache also holds each image's
+geometry row (*_geometry: what the structure metrics measure on).
+
+Training order: epoch e of seed s visits the images in a permutation seeded by
+shuffle_seed(s, e), a hash of the pair (numpy SeedSequence), so no two (seed, epoch) pairs share
+an order (seeding with s + e would give seed s's epoch e + 1 the order of seed s + 1's epoch e).
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ import torch
 
 from speckle_models.atomic_write import atomic_file
 from speckle_kernels.noise import DEFAULT_SIGMA_ADD, DEFAULT_SIGMA_MULT, make_noisy_batch
-from speckle_models.data.phantom import PHANTOM_VERSION, generate_phantom
+from speckle_models.data.phantom import PHANTOM_VERSION, generate_phantom, physics_of
 
 KAGGLE_TRAIN_COUNT = 5635
 KAGGLE_TEST_COUNT = 5508
@@ -47,6 +54,9 @@ class UltrasoundData:
     train_clean: torch.Tensor | None = None
     val_clean: torch.Tensor | None = None
     test_clean: torch.Tensor | None = None
+    train_geometry: torch.Tensor | None = None
+    val_geometry: torch.Tensor | None = None
+    test_geometry: torch.Tensor | None = None
     source: str = ""
     info: dict = field(default_factory=dict)
 
@@ -171,33 +181,42 @@ def _kaggle_arrays(root: Path, image_size: int, cache_dir: Path, progress: bool)
 # ----------------------------------------------------------------------------- phantom
 
 def _phantom_arrays(count: int, test_count: int, image_size: int, phantom_seed: int,
-                    cache_dir: Path, progress: bool, kind: str = "classic"):
-    """(arrays, path, cache hit, per-image draws or None). kind "realistic": the domain-
-    randomised phantom (realistic_phantom.py), whose per-image scanner draws the cache keeps."""
+                    version: int, cache_dir: Path, progress: bool, kind: str = "classic"):
+    """(arrays, path, cache hit, per-image draws or None). kind "classic": phantom.py at physics
+    `version`, with each image's geometry rows (the despeckling table's regions and edges);
+    "realistic": the domain-randomised phantom (realistic_phantom.py, physics version 2 always),
+    whose per-image scanner draws the cache keeps."""
     if kind == "realistic":
         from speckle_models.data.realistic_phantom import REALISTIC_VERSION, generate_realistic_phantom
 
-        name = f"realistic-v{REALISTIC_VERSION}-p{PHANTOM_VERSION}-s{phantom_seed}-{count}-{test_count}-{image_size}.npz"
-        generate = generate_realistic_phantom
+        name = f"realistic-v{REALISTIC_VERSION}-p2-s{phantom_seed}-{count}-{test_count}-{image_size}.npz"
     elif kind == "classic":
-        name = f"phantom-v{PHANTOM_VERSION}-s{phantom_seed}-{count}-{test_count}-{image_size}.npz"
-        generate = generate_phantom
+        name = f"phantom-v{version}-s{phantom_seed}-{count}-{test_count}-{image_size}.npz"
     else:
         raise ValueError(f"unknown phantom {kind!r}; expected classic or realistic")
     path = cache_dir / name
     key = name
     cached = load_cache(path, key)
-    if cached is not None:
+    if cached is not None and (kind == "realistic" or "pool_geometry" in cached[0]):
         return cached[0], path, True, cached[1].get("draws")
-    parts = [generate(n, image_size=image_size, seed=2 * phantom_seed + k, progress=progress,
-                      desc=f"{kind} phantom {what}")
-             for k, (n, what) in enumerate(((count, "train"), (test_count, "test")))]
-    arrays = {"pool": parts[0][0].numpy(), "pool_clean": parts[0][1].numpy(), "test": parts[1][0].numpy(),
-              "test_clean": parts[1][1].numpy()}
     meta = {"format": _CACHE_FORMAT, "key": key, "source": "phantom"}
-    draws = {"pool": parts[0][2], "test": parts[1][2]} if kind == "realistic" else None
-    if draws is not None:
-        meta["draws"] = draws
+    parts = {}
+    for k, what in enumerate(("train", "test")):
+        n = count if what == "train" else test_count
+        desc = f"{kind} phantom {what} (seed {phantom_seed})"
+        if kind == "realistic":
+            parts[what] = generate_realistic_phantom(n, image_size=image_size, seed=2 * phantom_seed + k,
+                                                     progress=progress, desc=desc)
+        else:
+            parts[what] = generate_phantom(n, image_size=image_size, seed=2 * phantom_seed + k, progress=progress,
+                                           desc=desc, version=version, return_geometry=True)
+    arrays = {"pool": parts["train"][0].numpy(), "pool_clean": parts["train"][1].numpy(),
+              "test": parts["test"][0].numpy(), "test_clean": parts["test"][1].numpy()}
+    draws = None
+    if kind == "realistic":
+        draws = meta["draws"] = {"pool": parts["train"][2], "test": parts["test"][2]}
+    else:
+        arrays.update(pool_geometry=parts["train"][2].numpy(), test_geometry=parts["test"][2].numpy())
     save_cache(path, arrays, meta)
     return arrays, path, False, draws
 
@@ -223,15 +242,16 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor,
 def load_dataset(source="phantom", *, image_size: int = 128, seed: int = 0,
                  val_fraction: float = 0.2, count: int | None = None,
                  test_count: int | None = None, cache_dir=None, progress: bool = True,
-                 phantom_seed: int = 0, phantom: str = "classic") -> UltrasoundData:
+                 phantom_seed: int = 0, phantom_version: int = PHANTOM_VERSION,
+                 phantom: str = "classic") -> UltrasoundData:
     """Load (or build once and cache) the ultrasound images.
 
     source: "phantom" or the path of a Kaggle-layout folder. count / test_count: how many
     train+validation / test images (None: the full set; for the phantom, fewer images are
     generated, for Kaggle the first ones of a seeded shuffle are kept). seed picks the
-    train/validation split (and the Kaggle subset); phantom_seed the phantom's content;
-    phantom its kind ("classic" or "realistic", whose per-image scanner draws come in
-    info["draws"]: {"train": [...], "val": [...], "test": [...]}).
+    train/validation split (and the Kaggle subset); phantom_seed and phantom_version the
+    phantom's content; phantom its kind ("classic" or "realistic", whose per-image scanner
+    draws come in info["draws"]: {"train": [...], "val": [...], "test": [...]}).
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
         raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
@@ -239,11 +259,14 @@ def load_dataset(source="phantom", *, image_size: int = 128, seed: int = 0,
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     count, test_count = _check_count("count", count), _check_count("test_count", test_count)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if isinstance(phantom_seed, bool) or not isinstance(phantom_seed, int) or phantom_seed < 0:
+        raise ValueError(f"phantom_seed must be a non-negative int, got {phantom_seed!r}")
 
     if isinstance(source, str) and source == "phantom":
         arrays, path, hit, draws = _phantom_arrays(count or KAGGLE_TRAIN_COUNT,
                                                    test_count or KAGGLE_TEST_COUNT, image_size,
-                                                   phantom_seed, cache, progress, phantom)
+                                                   phantom_seed, physics_of(phantom_version).version,
+                                                   cache, progress, phantom)
         name = "phantom" if phantom == "classic" else f"{phantom} phantom"
     elif isinstance(source, (str, os.PathLike)):
         arrays, path, hit = _kaggle_arrays(Path(source), image_size, cache, progress)
@@ -270,7 +293,18 @@ def load_dataset(source="phantom", *, image_size: int = 128, seed: int = 0,
         pool_clean = torch.from_numpy(arrays["pool_clean"])
         data.train_clean, data.val_clean = pool_clean[tr], pool_clean[va]
         data.test_clean = torch.from_numpy(arrays["test_clean"])
+        data.info.update(phantom_seed=phantom_seed, phantom_version=phantom_version if phantom == "classic" else 2)
+    if "pool_geometry" in arrays:
+        pool_geo = torch.from_numpy(arrays["pool_geometry"])
+        data.train_geometry, data.val_geometry = pool_geo[tr], pool_geo[va]
+        data.test_geometry = torch.from_numpy(arrays["test_geometry"])
     return data
+
+
+def shuffle_seed(seed: int, epoch: int) -> int:
+    """The generator seed of (seed, epoch)'s training order: a hash of the pair (module docstring)."""
+    state = np.random.SeedSequence([int(seed), int(epoch), 0x5EED]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31 | int(state[1]) >> 1) & (2 ** 63 - 1)
 
 
 class DeviceBatches:
@@ -325,7 +359,7 @@ class DeviceBatches:
         n = len(self.images)
         if not self.shuffle:
             return torch.arange(n)
-        return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
+        return torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed(self.seed, epoch)))
 
     def batches(self, epoch: int = 0):
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:

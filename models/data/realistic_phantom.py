@@ -161,12 +161,13 @@ def realistic_image(d: dict, size: int, g: torch.Generator) -> tuple[torch.Tenso
     xp = F.pad(x[None, None], (m, m, m, m), mode="replicate")[0, 0]
     echo = _sample(world, zp, xp, size)[None]
     cyst = _cyst_scale(d, zp, xp, size)[None]
-    env = P.speckle_envelope(echo, g, density_scale=d["density"], reflectivity_scale=cyst)
+    # physics version 2: the pulse this phantom was built and measured with (docs/self_supervised.md)
+    env = P.speckle_envelope(echo, g, 2, density_scale=d["density"], reflectivity_scale=cyst)
     rz, rx = REACH
     empty = -F.max_pool2d(-(cyst < 1e-3).float()[None], (2 * rz + 1, 2 * rx + 1), stride=1,
                           padding=(rz, rx))[0] > 0.5      # no scatterer within the reach
     env = torch.where(empty, torch.zeros(()), env)
-    mean = P.mean_intensity(echo, reflectivity_scale=cyst)
+    mean = P.mean_intensity(echo, physics=2, reflectivity_scale=cyst)
     crop = (slice(m, m + nr), slice(m, m + nl))
     speckled = _display(20 * torch.log10(env[0][crop].clamp(min=1e-12)), d)
     clean = _display(10 * torch.log10(mean[0][crop].clamp(min=1e-12)) - P.RAYLEIGH_LOG_BIAS_DB, d)

@@ -116,6 +116,8 @@ class TrainConfig:
     correlation: tuple | None = None # (axial, lateral) px; None: measured on the training images
     init: str | None = None          # checkpoint to start from (fine-tuning)
     phantom: str = "classic"         # "classic" | "realistic" (module docstring)
+    phantom_seed: int | None = None  # the phantom's draw; None: the same as seed
+    phantom_version: int | None = None   # phantom.PHYSICS; None: phantom.PHANTOM_VERSION
 
     def resolved(self) -> "TrainConfig":
         """Fill the model-dependent and noise defaults and check every value."""
@@ -170,6 +172,13 @@ class TrainConfig:
             raise ValueError("lr must be positive and val_fraction in (0, 1)")
         if c.noise_factor < 0:
             raise ValueError(f"noise factor must be >= 0, got {c.noise_factor}")
+        from speckle_models.data.phantom import PHANTOM_VERSION, physics_of
+
+        c.phantom_seed = c.seed if c.phantom_seed is None else c.phantom_seed
+        if isinstance(c.phantom_seed, bool) or not isinstance(c.phantom_seed, int) or c.phantom_seed < 0:
+            raise ValueError(f"phantom_seed must be a non-negative int, got {c.phantom_seed!r}")
+        c.phantom_version = physics_of(PHANTOM_VERSION if c.phantom_version is None
+                                       else c.phantom_version).version
         return c
 
 
@@ -178,9 +187,11 @@ class TrainConfig:
 RESUME_KEYS = ("model", "noise_factor", "data", "batch_size", "lr", "dropout", "width",
                "image_size", "count", "val_fraction", "norm", "distribution", "sigma_mult",
                "sigma_add", "seed", "cuda_graph", "target", "upsample", "ss_method", "correlation",
-               "init", "phantom")
+               "init", "phantom", "phantom_seed", "phantom_version")
+# checkpoints written before these fields existed: the paper's target and upsampling, the classic
+# phantom drawn with seed 0 at physics version 2
 RESUME_DEFAULTS = {"target": "clean", "upsample": "transpose", "ss_method": None, "correlation": None,
-                   "init": None, "phantom": "classic"}
+                   "init": None, "phantom": "classic", "phantom_seed": 0, "phantom_version": 2}
 
 
 def resume_mismatch(saved: dict, config: "TrainConfig") -> list[str]:
@@ -228,6 +239,11 @@ def add_common_arguments(p: argparse.ArgumentParser, *, distribution: bool = Tru
                    help="with --data phantom: classic (the committed tables') or realistic (domain randomised)")
     p.add_argument("--upsample", choices=UPSAMPLES,
                    help="U-Net upsampling: transpose (the paper's, default) or resize (bilinear x2 + conv 3x3)")
+    p.add_argument("--phantom-seed", type=int,
+                   help="the phantom's draw (default: --seed, so seeds vary the data too)")
+    p.add_argument("--phantom-version", type=int,
+                   help="phantom physics version (default: the current; 2: the phantom of the "
+                        "tables committed before 2026-12-03)")
     p.add_argument("--sigma-mult", type=float, help="multiplicative sigma before the factor")
     p.add_argument("--sigma-add", type=float, help="additive noise sigma")
     p.add_argument("--cache-dir")
@@ -270,6 +286,8 @@ def config_from_args(args: argparse.Namespace, *, model: str, noise_factor: floa
                   upsample=getattr(args, "upsample", None), ss_method=getattr(args, "ss_method", None),
                   correlation=_correlation_arg(getattr(args, "correlation_length", None)),
                   phantom=getattr(args, "phantom", "classic"),
+                  phantom_seed=getattr(args, "phantom_seed", None),
+                  phantom_version=getattr(args, "phantom_version", None),
                   progress=not args.no_progress, cache_dir=args.cache_dir)
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(model=model, out=out, noise_factor=noise_factor, **fields).resolved()

@@ -23,6 +23,7 @@ def load_data(config: TrainConfig):
     """The dataset the config names: the phantom (config.phantom's kind), a Kaggle-layout
     folder, or, for a self-supervised run, any folder of the user's scans (scan_folder.py)."""
     from speckle_models.data.datasets import load_dataset
+    from speckle_models.data.phantom import PHANTOM_VERSION
 
     if config.data != "phantom" and not os.path.exists(config.data):
         raise ValueError(f"data path {config.data!r} does not exist")
@@ -35,7 +36,9 @@ def load_data(config: TrainConfig):
     return load_dataset(config.data, image_size=config.image_size, seed=config.seed,
                         val_fraction=config.val_fraction, count=config.count,
                         test_count=config.test_count, cache_dir=config.cache_dir,
-                        progress=config.progress, phantom=config.phantom)
+                        progress=config.progress, phantom=config.phantom,
+                        phantom_seed=config.phantom_seed or 0,
+                        phantom_version=config.phantom_version or PHANTOM_VERSION)
 
 
 def check_target(data, config: TrainConfig) -> None:
