@@ -1,7 +1,7 @@
-"""The GPU run's three stages: what each runs, and whether it fits one device call. Run by
+"""The GPU run's four stages: what each runs, and whether it fits one device call. Run by
 benchmarks/tools/run_gpu.sh --dry-run (and so by CI) on any machine, no GPU needed.
 
-    python -m benchmarks.tools.gpu_plan --stage 1|2|3 [--budget 480] [--bench FILES --bench-k EXPR]
+    python -m benchmarks.tools.gpu_plan --stage 1|2|3|4 [--budget 480] [--bench FILES --bench-k EXPR]
 
     stage 1  checks   the build; the case kits of BatchRenorm, the norm block and the noise on
                       the CUDA and Triton kernels (every dtype and layout the kits claim, Br-U-Net's
@@ -11,6 +11,7 @@ benchmarks/tools/run_gpu.sh --dry-run (and so by CI) on any machine, no GPU need
                       nn.BatchNorm2d, Triton, CUDA), each Triton kernel's registers and spills;
                       the norm-block group and the host time and launches of a layer call
     stage 3  training the train-step and inference benchmark groups at full size
+    stage 4  inference speckle-denoise's GPU paths (benchmarks/tools/gpu_inference.py)
 
 The estimate. What dominates a fresh machine's stage 1 is compiling: the CUDA extension
 (BUILD_S) and one Triton specialization per distinct launch (COMPILE_S each; 227 of them took
@@ -42,6 +43,7 @@ ELEMENT_S = 2e-9      # a kit case's cost an element processed (every run and st
 START_S = 20.0        # a Python process: torch, CUDA context, imports
 ROW_S = 4.0           # a benchmark row at full size: its setup check and 60 timed rounds
 COMPILED_ROW_S = 60.0  # a row whose function torch.compile builds first (a U-Net: more)
+INFERENCE_S = 240.0    # gpu_inference.py: 16 rows (4 of them compiled) and a 256-frame cine; a lead, never run
 SHARD_IMBALANCE = 1.5  # the slowest of the parallel kit processes against their mean
 STAGE_BUDGET_S = 480.0  # a 9-minute call with a minute to spare, less the machine's start
 H200_SMS = 132
@@ -231,12 +233,16 @@ def plan(stage: int, quick: bool = False, shards: int = 8, bench: tuple = ((), "
         lines.append(f"benchmarks: {len(rows)} rows of {', '.join(files)} (-k {keyword!r}), {compiled} of "
                      f"them torch.compile'd: {cost:.0f} s")
         seconds += START_S + cost
+    if stage == 4:
+        lines.append(f"inference: gpu_inference.py, 2 widths x 2 batches x 4 paths (2 compiled) and a "
+                     f"256-frame cine end to end ({START_S + INFERENCE_S:.0f} s; a lead, never run)")
+        seconds += START_S + INFERENCE_S
     return lines, seconds
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Plan and budget of the GPU run's stages.")
-    p.add_argument("--stage", type=int, choices=(1, 2, 3), required=True)
+    p.add_argument("--stage", type=int, choices=(1, 2, 3, 4), required=True)
     p.add_argument("--budget", type=float, default=STAGE_BUDGET_S)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--shards", type=int, default=8)

@@ -16,7 +16,10 @@ data/phantom.py, cropped from 640x640 images, written as an 8-bit multi-page TIF
   level; the bar is 0.99); torch.compile and int8 also report their setup seconds, which give
   the compile break-even in frames: setup / (t_eager_path - t_compiled);
 - end to end: speckle-denoise (its main(), default path) from the cine file to a written
-  multi-page TIFF, pipelined and with --no-pipeline, frames/s and the decode/network/encode shares.
+  multi-page TIFF, pipelined and with --no-pipeline, frames/s and the decode/network/encode shares;
+  and with --whole-frame (the network on the whole frame with its own padding, no tissue crop:
+  the default crops the detected tissue with a reflected margin of the receptive radius, 61 px
+  on each side for the U-Nets, so the network sees more pixels than the frame has).
 Rounds interleave bare and end-to-end runs; medians are reported with their ratio. Beside
 them: GFLOP a frame (torch's flop counter), this CPU's fp32 matmul rate measured in the same run
 (benchmarks.common.matmul_peak) and the fraction of it each frames/s figure is, with the rate
@@ -126,7 +129,7 @@ def save_checkpoint(model, width: int, path: Path) -> Path:
 
 
 def run_width(width: int, checkpoint: Path | None, args, tmp: Path) -> dict:
-    from speckle_models.inference.denoise import CPU_BATCH, load_denoiser
+    from speckle_models.inference.denoise import load_denoiser
 
     if checkpoint is None:
         model = infer_network("br-unet", width, torch.device("cpu"))
@@ -142,7 +145,7 @@ def run_width(width: int, checkpoint: Path | None, args, tmp: Path) -> dict:
     from speckle_models.networks.flops import forward_flops
 
     result["gflop_per_frame"] = forward_flops(model.eval(), to_input(frames[:1])) / 1e9
-    result["paths"] = measure_paths(model, frames, args.paths, CPU_BATCH, args.reps)
+    result["paths"] = measure_paths(model, frames, args.paths, 2, args.reps)  # batch 1 against 2
     rounds = []
     inputs = [to_input(frames[k:k + 1]) for k in range(len(frames))]
     for r in range(args.rounds):
@@ -154,13 +157,16 @@ def run_width(width: int, checkpoint: Path | None, args, tmp: Path) -> dict:
             bare = (time.perf_counter() - t0) / len(inputs)
         e2e = end_to_end(checkpoint, cine, tmp / "out", [])
         loop = end_to_end(checkpoint, cine, tmp / "out", ["--no-pipeline"])
-        rounds.append({"bare_fps": 1 / bare, "e2e": e2e, "loop": loop})
+        whole = end_to_end(checkpoint, cine, tmp / "out", ["--whole-frame"])
+        rounds.append({"bare_fps": 1 / bare, "e2e": e2e, "loop": loop, "whole_frame": whole})
         print(f"width {width} round {r}: bare {1 / bare:.2f} fps, end to end {e2e['frames_per_s']:.2f}, "
               f"loop {loop['frames_per_s']:.2f} ({e2e['path']['description']})", flush=True)
     bare_fps = statistics.median(r["bare_fps"] for r in rounds)
     e2e_fps = statistics.median(r["e2e"]["frames_per_s"] for r in rounds)
     loop_fps = statistics.median(r["loop"]["frames_per_s"] for r in rounds)
+    whole_fps = statistics.median(r["whole_frame"]["frames_per_s"] for r in rounds)
     result.update(rounds=rounds, bare_fps=bare_fps, end_to_end_fps=e2e_fps, loop_fps=loop_fps,
+                  whole_frame_fps=whole_fps, whole_frame_over_bare=whole_fps / bare_fps,
                   end_to_end_over_bare=e2e_fps / bare_fps, pipeline_over_loop=e2e_fps / loop_fps)
     return result
 
@@ -180,11 +186,13 @@ def markdown(report: dict) -> str:
                      f"{w['bare_fps'] * g / peak:.2f} | {w['end_to_end_fps'] * g / peak:.2f} |")
     lines += ["",
              "| width | bare eager fp32 (frames/s) | end to end (frames/s) | ratio | loop (frames/s) | "
-             "pipeline / loop | path | decode / network / encode share |", "|---|---|---|---|---|---|---|---|"]
+             "pipeline / loop | --whole-frame (frames/s, ratio) | path | decode / network / encode share |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for w in report["widths"]:
         p = w["rounds"][-1]["e2e"]["pipeline"]
         lines.append(f"| {w['width']} | {w['bare_fps']:.2f} | {w['end_to_end_fps']:.2f} | "
                      f"{w['end_to_end_over_bare']:.2f}x | {w['loop_fps']:.2f} | {w['pipeline_over_loop']:.2f}x | "
+                     f"{w['whole_frame_fps']:.2f}, {w['whole_frame_over_bare']:.2f}x | "
                      f"{w['rounds'][-1]['e2e']['path']['description']} | {p['decode_share']:.2f} / "
                      f"{p['network_share']:.2f} / {p['encode_share']:.2f} |")
     lines += ["", "Paths alone (seconds a frame; agreement = fraction of 8-bit pixels within one grey "

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On a lent GPU: the run in three stages, each one device call of at most 9 minutes with a minute
+# On a lent GPU: the run in four stages, each one device call of at most 9 minutes with a minute
 # to spare (DEADLINE, default 480 s of work a stage); results under
 # benchmarks/results/<gpu-name>-<date>/stage<N>/, written as each item finishes.
 #
@@ -9,6 +9,7 @@
 #   benchmarks/tools/run_gpu.sh 2            # timings at the headline shape against copy bandwidth,
 #                                            # registers and spills; the norm-block and host-time rows
 #   benchmarks/tools/run_gpu.sh 3            # the train-step and inference benchmark groups
+#   benchmarks/tools/run_gpu.sh 4            # speckle-denoise's GPU paths (gpu_inference.py)
 #   benchmarks/tools/run_gpu.sh --dry-run    # each stage's plan, commands and budget (no GPU; CI)
 #
 # Every step runs under `timeout -k`: at its limit the step's whole process group gets TERM, then
@@ -47,11 +48,11 @@ STAGES=()
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY_RUN=1 ;;
-        1|2|3) STAGES+=("$arg") ;;
-        *) echo "run_gpu.sh: unknown argument '$arg' (expected 1, 2, 3 or --dry-run)" >&2; exit 2 ;;
+        1|2|3|4) STAGES+=("$arg") ;;
+        *) echo "run_gpu.sh: unknown argument '$arg' (expected 1, 2, 3, 4 or --dry-run)" >&2; exit 2 ;;
     esac
 done
-[ ${#STAGES[@]} -eq 0 ] && { [ "$DRY_RUN" = 1 ] && STAGES=(1 2 3) || { echo "run_gpu.sh: name a stage: 1, 2 or 3 (or --dry-run)" >&2; exit 2; }; }
+[ ${#STAGES[@]} -eq 0 ] && { [ "$DRY_RUN" = 1 ] && STAGES=(1 2 3 4) || { echo "run_gpu.sh: name a stage: 1, 2, 3 or 4 (or --dry-run)" >&2; exit 2; }; }
 
 failed=""
 out=""
@@ -189,12 +190,17 @@ for STAGE in "${STAGES[@]}"; do
             step report 60 "$PY" -m benchmarks.tools.results_report "$out/benchmarks.json" --out "$out"
             [ "${TRAIN_RUNS:-0}" = 1 ] && step train 600 bash -c train
             ;;
+        4)
+            # speckle-denoise's GPU paths (issue 25): bf16, CUDA graph, compile, batches 8 and 32
+            step inference 360 "$PY" -m benchmarks.tools.gpu_inference --out "$out"
+            ;;
     esac
     if [ "$DRY_RUN" = 1 ]; then
         case "$STAGE" in
             1) bench=() ;;
             2) bench=(--bench $BENCH2_FILES --bench-k "$BENCH2_K") ;;
             3) bench=(--bench $BENCH3_FILES --bench-k "$BENCH3_K") ;;
+            4) bench=() ;;
         esac
         "$PY" -m benchmarks.tools.gpu_plan --stage "$STAGE" --budget "$DEADLINE" --shards "$SHARDS" \
             ${CHECK_ARGS:-} "${bench[@]}" | sed 's/^/  /'

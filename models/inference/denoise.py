@@ -63,7 +63,11 @@ from speckle_models.inference.tiling import (DEFAULT_BATCH, DEFAULT_MAX_PIXELS, 
                                              reaches, receptive_radius, size_multiple, tile_spans)
 
 METRICS_WINDOW = 16   # the judge's window side (metrics/real_scan.WINDOW)
-CPU_BATCH = 2         # frames a forward on a CPU: 4 and 8 were no faster at 480x640 on 2 cores
+# frames a forward on a CPU: one, for the least latency (a frame is shown as soon as it is done).
+# Batch 2 bought no throughput here: at 480x640 on 2 cores a width-8 Br-U-Net frame (folded,
+# channels_last) took 37 ms at batch 1 against 57 ms at batch 2 in one run and 35 ms in another
+# (benchmarks/results/cpu-2026-12-04/realtime-margins.md, realtime.md).
+CPU_BATCH = 1
 
 __all__ = ["load_denoiser", "denoise_images", "denoise_frames", "receptive_radius",
            "size_multiple", "aligned_halo", "reaches", "default_overlap", "tile_spans", "main", "MIN_SIDE"]

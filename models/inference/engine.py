@@ -47,16 +47,16 @@ from torch import nn
 
 PRECISIONS = ("fp32", "bf16", "int8")
 AGREEMENT_BAR = 0.99          # fraction of 8-bit pixels within one grey level of eager fp32
-# Compilation cost and gain, from the CPU runs committed under benchmarks/results/cpu-2026-12-03/
-# (2-core AMD EPYC, AVX2, a machine shared with other jobs: load ~20 on 2 cores): a cold Inductor
-# compile with frozen weights of Br-U-Net width 8 took 82 s at 480x640, batch 1, and 41 s more
-# for batch 2 (realtime-run1.json); the compiled forward ran 1.0x the folded channels_last one
-# at 480x640 there and 2.4x at 128x128 (width 16, inference-br-unet.json). COMPILE_SECONDS errs
-# high and COMPILED_SPEEDUP sits between, so the estimate leans towards not compiling (the
-# on-disk FX cache makes a second run's compile far cheaper, which it also ignores). The GPU's
-# are guesses until a GPU run measures them.
-COMPILE_SECONDS = {"cpu": 90.0, "cuda": 60.0}
-COMPILED_SPEEDUP = {"cpu": 1.5, "cuda": 1.2}
+# Compilation cost and gain on a CPU, from benchmarks/results/cpu-2026-12-04/ (2-core AMD EPYC,
+# AVX2): a cold Inductor compile with frozen weights of Br-U-Net width 8 at 480x640 took 33 s at
+# batch 1 (realtime-batch2.md; 2-13 s with warm on-disk caches). Against the folded channels_last
+# forward the compiled one ran 1.22x (width 8) and 1.48x (width 32) in that run, with tests
+# running beside it, and 1.02x and 1.00x on the quiet machine (realtime.md). COMPILE_SECONDS errs
+# high and COMPILED_SPEEDUP is near the quiet gain, so the estimate leans towards not compiling:
+# width 8 compiles for cines of ~12000 frames, width 32 from ~1000. The GPU's are guesses until
+# a GPU run measures them.
+COMPILE_SECONDS = {"cpu": 40.0, "cuda": 60.0}
+COMPILED_SPEEDUP = {"cpu": 1.1, "cuda": 1.2}
 
 
 @dataclass(frozen=True)

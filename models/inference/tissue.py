@@ -4,8 +4,12 @@ For each frame of a batch (pixels P, gray or RGB integers at max_value M; gray l
 v = P / M, or the BT.601 luminance of RGB / M):
     kept      = regions.overlay_mask(P, v): colour and white pixels (kept as they are)
     tissue_k  = plan.masks[k] & ~kept, in part k's box      (only these pixels change)
-    crop_k    = part k's box grown by `pad` (the network's receptive radius) on every side,
-                every pixel outside tissue_k replaced by its reflection (regions.reflect_fill)
+    crop_k    = part k's box grown by `pad` (the network's receptive radius) on every side that
+                does not meet the frame's edge, every pixel outside tissue_k replaced by its
+                reflection (regions.reflect_fill). The margin keeps the network's own border
+                handling away from the tissue; at the frame's edge there is no image beyond, so
+                there the network pads itself, as on a whole frame (a frame that is all tissue
+                costs what --whole-frame does: the margin was 1.5x the pixels at 480x640)
     y_k       = the network on crop_k (tiling.denoise_frames: batched across the frames of the
                 batch, tiled above max_pixels), cropped back to the box
     gray out  = P, with round(y * M) on tissue_k
@@ -62,14 +66,22 @@ class TissueDenoiser:
         self.network, self.plan, self.max_value, self.pad, self.tiling = network, plan, max_value, pad, tiling
         self._static_fill: dict[int, np.ndarray] = {}  # part -> the fill's source indices
 
+    def margins(self, box: regions.Box, height: int, width: int) -> tuple[int, int, int, int]:
+        """(top, bottom, left, right) margin of a box's crop in a height x width frame: `pad`,
+        or 0 on a side that meets the frame's edge (module docstring)."""
+        p = self.pad
+        return (p if box.top > 0 else 0, p if box.top + box.height < height else 0,
+                p if box.left > 0 else 0, p if box.left + box.width < width else 0)
+
     def _crop(self, v: np.ndarray, k: int, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(the network's input for part k, the part's tissue mask in the box)."""
-        box, p = self.plan.boxes[k], self.pad
+        box = self.plan.boxes[k]
+        pt, pb, pl, pr = self.margins(box, *v.shape)
         tissue = self.plan.masks[k] & ~kept[box.slices]
-        padded = np.zeros((box.height + 2 * p, box.width + 2 * p), bool)
-        padded[p:p + box.height, p:p + box.width] = tissue
-        rows = np.clip(np.arange(box.top - p, box.top + box.height + p), 0, v.shape[0] - 1)
-        cols = np.clip(np.arange(box.left - p, box.left + box.width + p), 0, v.shape[1] - 1)
+        padded = np.zeros((box.height + pt + pb, box.width + pl + pr), bool)
+        padded[pt:pt + box.height, pl:pl + box.width] = tissue
+        rows = np.clip(np.arange(box.top - pt, box.top + box.height + pb), 0, v.shape[0] - 1)
+        cols = np.clip(np.arange(box.left - pl, box.left + box.width + pr), 0, v.shape[1] - 1)
         crop = v[np.ix_(rows, cols)]
         if not tissue.any():
             return crop, tissue
@@ -99,13 +111,13 @@ class TissueDenoiser:
                                  [f"{n} (region {k + 1})" for n in names for k in range(len(self.plan.boxes))],
                                  **self.tiling))
         results, tissue_iter = [], iter(tissues)
-        p = self.pad
         for f, v in zip(frames, levels):
             after = v.copy()
             changed = np.zeros(v.shape, bool)
             for box in self.plan.boxes:
                 y, tissue = next(ys), next(tissue_iter)
-                y = y[p:p + box.height, p:p + box.width]
+                pt, _, pl, _ = self.margins(box, *v.shape)
+                y = y[pt:pt + box.height, pl:pl + box.width]
                 sub = after[box.slices]
                 sub[tissue] = y[tissue]
                 changed[box.slices] |= tissue
@@ -115,9 +127,11 @@ class TissueDenoiser:
     def piece_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
         """The (h, w) of every piece the network sees for one height x width frame (a crop per
         region, or the frame; tiles above max_pixels). The overlap must be set if any tiles."""
-        p, kw = self.pad, self.tiling
-        crops = ([(height, width)] if self.plan.how == "whole frame" else
-                 [(b.height + 2 * p, b.width + 2 * p) for b in self.plan.boxes])
+        kw = self.tiling
+        crops = [(height, width)] if self.plan.how == "whole frame" else []
+        for b in [] if self.plan.how == "whole frame" else self.plan.boxes:
+            pt, pb, pl, pr = self.margins(b, height, width)
+            crops.append((b.height + pt + pb, b.width + pl + pr))
         from speckle_models.inference.tiling import DEFAULT_MAX_PIXELS, DEFAULT_TILE, size_multiple
 
         network = getattr(self.network, "source", self.network)
