@@ -14,6 +14,7 @@ from speckle_models.training import loop as L
 from speckle_models.training import scan_folder
 from speckle_models.training import train as T
 from tests.test_denoise import dicom_file
+from speckle_models.inference.image_io import gray_level
 from tests.test_train import _equal_state, _strip_times, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -189,3 +190,35 @@ def test_speckle_denoise_runs_a_resize_network_tiled(tmp_path, capsys):
     # tiles: the measured context of the resize network (larger: a 3x3 convolution per level)
     tiled = denoise_frames(net, [v], max_pixels=256 * 256, tile=256)[0]
     assert np.abs(tiled - denoise_frames(net, [v])[0]).max() <= 1e-5
+
+
+def test_scans_are_cut_to_their_tissue_as_speckle_denoise_cuts_them(tmp_path):
+    """A scanner frame (black background, burned-in text, a colour Doppler patch and a white
+    caliper line inside the 2D tissue region of its Ultrasound Regions): every crop lies inside
+    the region (found there pixel for pixel) and holds no Doppler or caliper pixel; the whole
+    frame, asked for, also gives crops with the text or the black border."""
+    pytest.importorskip("pydicom")
+    from tests import dicom_fixtures as fx
+
+    rng = np.random.default_rng(7)
+    rgb, box = fx.scanner_frame(rng, 160, 192, colour=True)
+    ds = fx.with_regions(fx.base_dataset(rgb[None], "RGB"), fx.region_item(box))
+    root = tmp_path / "scans"
+    root.mkdir()
+    fx.save(ds, root / "scan.dcm")
+    t, l, h, w = box
+    gray = np.rint(np.asarray(gray_level(rgb, 255)) * 255).astype(np.uint8)
+    overlay = np.zeros(gray.shape, bool)
+    overlay[t + 10:t + 20, l + 10:l + 30] = True            # the Doppler patch
+    overlay[t + h - 8, l + 4:l + w - 4] = True               # the caliper line
+    size = 24
+    windows = {}
+    for r in range(t, t + h - size + 1):
+        for c in range(l, l + w - size + 1):
+            windows[gray[r:r + size, c:c + size].tobytes()] = overlay[r:r + size, c:c + size].any()
+    data = scan_folder.load_scan_folder(root, image_size=size, count=60, seed=5)
+    crops = torch.cat([data.train, data.val])[:, 0].numpy()
+    assert all(c.tobytes() in windows for c in crops)       # inside the region
+    assert not any(windows[c.tobytes()] for c in crops)     # no overlay pixel
+    whole = scan_folder.load_scan_folder(root, image_size=size, count=60, seed=5, whole_frame=True)
+    assert any(c.tobytes() not in windows for c in torch.cat([whole.train, whole.val])[:, 0].numpy())

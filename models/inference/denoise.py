@@ -55,6 +55,7 @@ from torch import nn
 
 from speckle_models import MODEL_NAMES, build_model
 from speckle_models.inference import frame_io, regions
+from speckle_models.inference.tissue import source_plan
 from speckle_models.inference.engine import PRECISIONS, Engine, choose_path
 from speckle_models.inference.image_io import quantize, to_unit
 from speckle_models.inference.run_files import collect_inputs, existing_outputs, frame_hook, write_metrics
@@ -221,23 +222,8 @@ def plan_file(source, args) -> regions.TissuePlan:
     """Where the network may change this file's frames (regions.py), from its first frame."""
     if args.whole_frame:
         return regions.whole_frame_plan(source.height, source.width)
-    from speckle_models.inference.image_io import gray_level
-
-    file_boxes, why_detected = [], ""
-    if source.kind == "dicom" and not args.detect_tissue and not args.region:
-        try:
-            file_boxes = regions.ultrasound_regions(source.dataset, source.height, source.width,
-                                                    str(source.path))
-        except regions.RegionsDoNotFit as e:  # a resized or cropped export: find the tissue instead
-            why_detected = f"the file's {e}"
-    if args.region:
-        regions.check_boxes([regions.Box(*b) for b in args.region], source.height, source.width,
-                            str(source.path))
-    first = next(iter(source))
-    colour = None if first.ndim == 2 else regions.chroma(first, source.max_value) > regions.CHROMA_MAX
-    return regions.plan_tissue(gray_level(first, source.max_value), colour,
-                               user_boxes=[regions.Box(*b) for b in args.region or []],
-                               file_boxes=file_boxes, name=str(source.path), why_detected=why_detected)
+    return source_plan(source, user_boxes=[regions.Box(*b) for b in args.region or []],
+                       detect=args.detect_tissue)
 
 
 def _describe(info: dict, plan: regions.TissuePlan) -> str:

@@ -153,6 +153,27 @@ class TissueDenoiser:
         return FrameResult(out, v, after, tissue)
 
 
+def source_plan(source, *, user_boxes=(), detect: bool = False) -> regions.TissuePlan:
+    """A file's tissue plan from its first frame, by speckle-denoise's rule (regions.py): the
+    user's boxes, else the DICOM file's 2D tissue ultrasound regions (unless `detect`; regions
+    that do not fit the pixels fall back to detection, saying why), else the detected tissue
+    area. Used by speckle-denoise and by self-supervised training on a folder of scans."""
+    user_boxes = list(user_boxes)
+    file_boxes, why_detected = [], ""
+    if source.kind == "dicom" and not detect and not user_boxes:
+        try:
+            file_boxes = regions.ultrasound_regions(source.dataset, source.height, source.width,
+                                                    str(source.path))
+        except regions.RegionsDoNotFit as e:  # a resized or cropped export: find the tissue instead
+            why_detected = f"the file's {e}"
+    if user_boxes:
+        regions.check_boxes(user_boxes, source.height, source.width, str(source.path))
+    first = next(iter(source))
+    colour = None if first.ndim == 2 else regions.chroma(first, source.max_value) > regions.CHROMA_MAX
+    return regions.plan_tissue(gray_level(first, source.max_value), colour, user_boxes=user_boxes,
+                               file_boxes=file_boxes, name=str(source.path), why_detected=why_detected)
+
+
 def peek(source):
     """(the first frame, an iterator over every frame including it) of a lazy source."""
     frames = iter(source)
