@@ -19,7 +19,7 @@ import torch
 from scipy import ndimage
 
 from speckle_models.metrics import real_scan as R
-from speckle_models.metrics.speckle_stats import gcnr
+from speckle_models.metrics.speckle_stats import gcnr, rice_bins
 from tests import dicom_fixtures as fx
 
 
@@ -57,16 +57,18 @@ def test_windows_are_inside_the_tissue_and_not_anechoic(scene, monkeypatch):
 
 
 def test_rice_bins_and_their_bias():
-    assert [R.rice_bins(n) for n in (1, 64, 800, 10**5, 10**9)] == [8, 8, 19, 93, 256]
-    # two regions from one distribution: Rice bins report a smaller gCNR than 256 fixed bins
+    assert [rice_bins(n) for n in (1, 8, 64, 800, 10**5)] == [2, 4, 8, 19, 93]
+    # two 400-pixel regions from one distribution: Rice bins report a smaller gCNR than 256
+    # fixed bins, within twice the bias bound sqrt(bins / (pi n))
     rng = np.random.default_rng(41)
     x = torch.from_numpy(rng.rayleigh(1.0, (1, 40, 20)))
     a = torch.zeros(40, 20, dtype=torch.bool)
     a[:, :10] = True
     n = 400
-    fixed, rice = gcnr(x, a, ~a, bins=256).item(), gcnr(x, a, ~a, bins=R.rice_bins(n)).item()
-    assert rice < fixed
-    assert rice < 2 * math.sqrt(R.rice_bins(n) / (math.pi * n / 2)) and fixed > 0.25
+    fixed, rice = gcnr(x, a, ~a, bins=256).item(), gcnr(x, a, ~a, bins="rice").item()
+    # the same bins as fixed ones (a value on a bin edge may round to either side: one pixel)
+    assert rice == pytest.approx(gcnr(x, a, ~a, bins=rice_bins(n)).item(), abs=1 / n) and rice < fixed
+    assert rice < 2 * math.sqrt(rice_bins(n) / (math.pi * n)) and fixed > 0.25
 
 
 def test_blur_and_veil_do_not_pass(scene):
@@ -96,7 +98,7 @@ def test_blur_and_veil_do_not_pass(scene):
 def test_rois_are_measured_inside_the_tissue(scene):
     noisy, clean, tissue, _ = scene
     row = R.roi_contrast(noisy, clean, tissue, (10, 10, 40, 40), (10, 100, 40, 40))
-    assert row["gcnr_bins"] == R.rice_bins(3200) and row["gcnr_after"] > row["gcnr_before"]
+    assert row["gcnr_bins"] == rice_bins(1600) and row["gcnr_after"] > row["gcnr_before"]
     assert row["cnr_before"] > 0 and row["cnr_after"] is None  # constant regions: CNR is infinite, reported None
     with pytest.raises(ValueError, match="--roi-a .* holds 0 tissue pixel"):
         R.roi_contrast(noisy, clean, tissue, (0, 0, 6, 6), (10, 100, 40, 40))

@@ -35,11 +35,10 @@ and a median filter, so a row can be read against known filters.
 
 Contrast between two regions (`roi_contrast`, speckle-denoise --roi-a/--roi-b): CNR and gCNR
 between two boxes, each intersected with the tissue, before and after. gCNR's histogram has
-adaptive bins, the Rice rule: bins = ceil(2 n^(1/3)) for the n pixels of both regions together,
-within [MIN_BINS, MAX_BINS] = [8, 256]. The estimate's upward bias for two equal distributions
-is about sqrt(bins / (pi n)) (speckle_stats' docstring), so 256 fixed bins over 2 x 400 pixels
-would report ~0.32 for two identical regions; the Rice rule gives ~0.10 there, and the bias
-shrinks as n^(-1/3) with the regions' size.
+adaptive bins, the Rice rule of speckle_stats (ceil(2 n^(1/3)) bins, n the smaller region's
+pixel count): the estimate's upward bias for two equal distributions is about
+sqrt(bins / (pi n)), so 256 fixed bins over two 400-pixel regions would report ~0.45 for two
+identical regions, the Rice rule (15 bins) ~0.11, and the bias shrinks as n^(-1/3).
 
 This is the package's one no-reference judge of a despeckled frame: one definition of each
 figure (speckle-denoise --metrics, the figure and table scripts under benchmarks/tools, the
@@ -54,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from speckle_models.metrics.smoothing import gaussian_blur, gaussian_gradient
-from speckle_models.metrics.speckle_stats import box_mask, cnr, gcnr, homogeneous_windows
+from speckle_models.metrics.speckle_stats import box_mask, cnr, gcnr, homogeneous_windows, rice_bins
 
 WINDOW, WINDOWS = 16, 8
 DARK_LEVEL = 40 / 255
@@ -63,7 +62,6 @@ EDGE_SELECT_SIGMA, EDGE_MEASURE_SIGMA, EDGE_FRACTION = 3.0, 1.0, 0.02
 EDGE_MIN_GRADIENT = 1 / 255       # per pixel at the selection scale: weaker "edges" are noise
 BLACK_LEVEL, BLACK_ERODE, MIN_BLACK = 8 / 255, 3, 64
 CHECKER_WINDOW = 16
-MIN_BINS, MAX_BINS = 8, 256
 TARGETS = {"enl_ratio": (">=", 3.0), "edge_ratio": (">=", 0.85), "mean_abs_delta": ("<=", 4.0),
            "mean_corr": (">=", 0.95), "black_after": ("<=", 4.0), "checker_after": ("<=", 0.05)}
 # Calibration filters (speckle_filters.py / baselines.py): their default settings, the median of 5
@@ -76,7 +74,7 @@ FIELDS = ("windows", "enl_before", "enl_after", "enl_ratio", "snr_before", "snr_
           "dark_windows", "checker_before", "checker_after")
 
 __all__ = ["judge", "meets_targets", "calibration_outputs", "checkerboard_fraction", "roi_contrast",
-           "rice_bins", "TARGETS", "FIELDS"]
+           "TARGETS", "FIELDS"]
 
 
 def _frame(a, name: str) -> torch.Tensor:
@@ -195,11 +193,6 @@ def judge(before, after, *, tissue=None, window: int = WINDOW) -> dict:
     return row
 
 
-def rice_bins(n: int) -> int:
-    """ceil(2 n^(1/3)) within [MIN_BINS, MAX_BINS] (module docstring)."""
-    return int(min(MAX_BINS, max(MIN_BINS, math.ceil(2.0 * n ** (1.0 / 3.0)))))
-
-
 def roi_contrast(before, after, tissue, roi_a, roi_b) -> dict:
     """CNR and gCNR (Rice-rule bins) between two (top, left, height, width) boxes intersected
     with the tissue, before and after; None where undefined. ValueError naming the box when it
@@ -216,10 +209,9 @@ def roi_contrast(before, after, tissue, roi_a, roi_b) -> dict:
             raise ValueError(f"{label} {tuple(roi)} holds {int(m.sum())} tissue pixel(s); "
                              "the metrics are measured inside the tissue only")
         masks.append(m)
-    bins = rice_bins(int(masks[0].sum() + masks[1].sum()))
     pair = torch.stack([x, y])
-    row: dict = {"gcnr_bins": bins}
-    for name, values in (("cnr", cnr(pair, *masks)), ("gcnr", gcnr(pair, *masks, bins=bins))):
+    row: dict = {"gcnr_bins": rice_bins(min(int(m.sum()) for m in masks))}
+    for name, values in (("cnr", cnr(pair, *masks)), ("gcnr", gcnr(pair, *masks, bins="rice"))):
         row[f"{name}_before"], row[f"{name}_after"] = (_finite(v) for v in values.tolist())
     return row
 

@@ -38,6 +38,8 @@ lo + j w <= v < lo + (j + 1) w, w = (hi - lo) / k, the maximum in the last bin.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -169,6 +171,12 @@ def cnr(image, mask_a, mask_b) -> torch.Tensor:
     mean_a, var_a, _ = _stats(images, _as_mask(mask_a, images, "mask_a", 2))
     mean_b, var_b, _ = _stats(images, _as_mask(mask_b, images, "mask_b", 2))
     return (mean_a - mean_b).abs() / (var_a + var_b).sqrt()
+
+
+def rice_bins(n: int) -> int:
+    """The Rice rule's bin count for a region pair whose smaller region has n pixels:
+    ceil(2 n^(1/3)), at least 1 (module docstring); gcnr(bins="rice") uses it per image."""
+    return max(1, math.ceil(2.0 * n ** (1.0 / 3.0) - 1e-9))
 
 
 def gcnr(image, mask_a, mask_b, *, bins: int | str = 256) -> torch.Tensor:
