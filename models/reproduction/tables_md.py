@@ -42,9 +42,14 @@ def _ms(seconds) -> str:
     return f"{seconds:.3g} s" if seconds >= 1 else f"{seconds * 1e3:.3g} ms"
 
 
+FLAT = 1e6  # speckle SNR / ENL of a window that is flat up to rounding (the speckle-free map's)
+
+
 def _pm(mean: float, std, digits: int) -> str:
     if mean is None or not math.isfinite(mean):
         return "—"
+    if abs(mean) >= FLAT:
+        return "flat (> 10⁶)"
     return f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
 
 
