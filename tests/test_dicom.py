@@ -22,7 +22,7 @@ import pytest
 from speckle_models.inference import denoise as D
 from speckle_models.inference import dicom_io, frame_io, regions
 from speckle_models.inference.image_io import gray_level
-from tests.test_denoise import direct, save_checkpoint
+from tests.test_denoise import cli_captured, direct, save_checkpoint
 
 from tests import dicom_fixtures as fx
 from tests.dicom_fixtures import pydicom
@@ -35,13 +35,7 @@ def ckpt(tmp_path_factory):
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint.pt", "br-unet")
 
 
-def cli(argv, capsys):
-    try:
-        rc = D.main([*map(str, argv), "--no-progress"])
-    except SystemExit as e:
-        rc = e.code
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
+cli = cli_captured  # (exit status, stdout, stderr)
 
 
 def display_pixels(path) -> np.ndarray:

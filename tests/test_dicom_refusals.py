@@ -18,7 +18,7 @@ from speckle_models.inference import denoise as D
 from speckle_models.inference import dicom_io, frame_io
 from tests import dicom_fixtures as fx
 from tests.dicom_fixtures import pydicom
-from tests.test_denoise import save_checkpoint
+from tests.test_denoise import cli_captured, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,13 +28,7 @@ def ckpt(tmp_path_factory):
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint.pt", "br-unet")
 
 
-def cli(argv, capsys):
-    try:
-        rc = D.main([*map(str, argv), "--no-progress"])
-    except SystemExit as e:
-        rc = e.code
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err
+cli = cli_captured  # (exit status, stdout, stderr)
 
 
 def refused(ckpt, capsys, tmp_path, path, *words, extra=()):

@@ -19,11 +19,11 @@ file and the problem, and leaves no file behind.
 
 The network runs on the run's fast path (engine.py), chosen once and named in the summary
 ("path", with why): norms folded, channels_last, bf16 only where the hardware has native bf16
-(CUDA; a CPU with AVX512-BF16 or AMX), else fp32; torch.compile when the frames that share one
-input shape pay for the compilation; a CUDA graph on CUDA. --precision fp32|bf16|int8, --no-fold
-and --compile auto|on|off override; a bf16 or int8 path is checked against eager fp32 on the
-first frame ("agreement_with_eager_fp32") and falls back to fp32 below 99 % of 8-bit pixels
-within one grey level. Batches: CPU_BATCH frames on a CPU, DEFAULT_BATCH on a GPU.
+(CUDA; a CPU with AVX512-BF16 or AMX) and every output is 8-bit, else fp32; torch.compile when
+the frames that share one input shape pay for the compilation; a CUDA graph on CUDA.
+--precision fp32|bf16|int8, --no-fold and --compile auto|on|off override; a bf16 or int8 path
+is checked against eager fp32 on the first frame ("agreement_with_eager_fp32") and falls back to
+fp32 below 99 % of pixels within one grey level at the deepest output's depth. Batches: CPU_BATCH frames on a CPU, DEFAULT_BATCH on a GPU.
 
 Python: `load_denoiser(checkpoint, device)` gives the network (eval mode, on the device);
 `denoise_images(model_or_checkpoint, arrays)` denoises whole (H, W) / (H, W, 3|4) uint8,
@@ -240,10 +240,7 @@ def run(args) -> dict:
     model, info = _load(args.checkpoint, args.device)
     if args.overlap is not None:
         check_tiling(args.tile, args.overlap, args.max_pixels, size_multiple(model))
-    path = choose_path(info["device"], precision="bf16" if args.bf16 else args.precision,
-                       fold=not args.no_fold, compile={"auto": None, "on": True, "off": False}[args.compile])
-    engine = Engine(model, path)
-    batch_size = args.batch_size or (CPU_BATCH if engine.device.type == "cpu" else DEFAULT_BATCH)
+    batch_size = args.batch_size or (CPU_BATCH if torch.device(info["device"]).type == "cpu" else DEFAULT_BATCH)
 
     # every input opened, planned and checked before anything is written
     jobs = []
@@ -266,6 +263,12 @@ def run(args) -> dict:
         if clash:
             raise FileExistsError(f"{clash[0]} exists ({len(clash)} output file(s) in the way); "
                                   "pass --overwrite to replace them")
+
+    # the path is judged at the deepest output's grey levels (bf16 by default for 8-bit only)
+    path = choose_path(info["device"], precision="bf16" if args.bf16 else args.precision,
+                       fold=not args.no_fold, compile={"auto": None, "on": True, "off": False}[args.compile],
+                       levels=max(source.max_value for source, *_ in jobs))
+    engine = Engine(model, path)
 
     from tqdm.auto import tqdm
 

@@ -29,11 +29,15 @@ The path (InferencePath, printed in speckle-denoise's summary):
 - cuda_graph (CUDA): the forward is captured once per input shape into a CUDA graph, with
   static input and output buffers (no launch overhead, no allocation per batch).
 
-Judging a path: `agreement(a, b)` is the fraction of pixels whose 8-bit output (round(v * 255))
-differs by at most one grey level; the issue's bar is >= 99 % against eager fp32. The engine
-checks a bf16 or int8 path on the run's first frame (check=True): a path below the bar falls back
-to fp32 (folded, channels_last, eager) and the summary says so and why. fp32 paths differ from
-eager fp32 by rounding only (tested), so they skip the check and its extra unfolded forward.
+Judging a path: `agreement(a, b, levels)` is the fraction of pixels whose output at the file's
+own depth (round(v * levels): 255 for 8-bit, 4095 for 12-bit, 65535 for 16-bit) differs by at most
+one grey level; the issue's bar is >= 99 % against eager fp32. The engine checks a bf16 or int8
+path on the run's first frame (check=True), at the path's `levels`: a path below the bar falls
+back to fp32 (folded, channels_last, eager) and the summary says so and why. fp32 paths differ
+from eager fp32 by rounding only (tested), so they skip the check and its extra unfolded forward.
+bf16 keeps 8 significant bits (unit roundoff 2^-9, ~128 levels of a 16-bit output), so the
+default takes bf16 for outputs of at most 8 bits only; on a 12-bit DICOM and a 16-bit PNG it
+was 3.5 and 62 levels off (a random width-4 D-U-Net, CI on an AVX512-BF16 EPYC, 2026-12-04).
 """
 from __future__ import annotations
 
@@ -46,7 +50,8 @@ import torch
 from torch import nn
 
 PRECISIONS = ("fp32", "bf16", "int8")
-AGREEMENT_BAR = 0.99          # fraction of 8-bit pixels within one grey level of eager fp32
+AGREEMENT_BAR = 0.99          # fraction of pixels within one grey level (at the output's depth) of eager fp32
+BF16_MAX_LEVELS = 255         # the deepest output the default path runs in bf16 (8 bits)
 # Compilation cost and gain on a CPU, from benchmarks/results/cpu-2026-12-04/ (2-core AMD EPYC,
 # AVX2): a cold Inductor compile with frozen weights of Br-U-Net width 8 at 480x640 took 33 s at
 # batch 1 (realtime-batch2.md; 2-13 s with warm on-disk caches). Against the folded channels_last
@@ -68,6 +73,7 @@ class InferencePath:
     channels_last: bool = True
     compile: bool | None = False     # None: decided on the first batch from the frame count
     cuda_graph: bool = False
+    levels: int = 255                # the output's grey levels: the depth agreement is judged at
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def describe(self) -> str:
@@ -81,7 +87,7 @@ class InferencePath:
     def as_dict(self) -> dict:
         return {"device": self.device, "precision": self.precision, "fold": self.fold,
                 "channels_last": self.channels_last, "compile": self.compile,
-                "cuda_graph": self.cuda_graph, "description": self.describe(),
+                "cuda_graph": self.cuda_graph, "levels": self.levels, "description": self.describe(),
                 "notes": list(self.notes)}
 
 
@@ -104,15 +110,21 @@ def native_bf16(device: torch.device | str) -> tuple[bool, str]:
 
 def choose_path(device: torch.device | str, *, precision: str | None = None, fold: bool = True,
                 channels_last: bool = True, compile: bool | None = None,
-                cuda_graph: bool | None = None) -> InferencePath:
-    """The path for this device. precision None: bf16 where native (native_bf16), else fp32.
-    compile None: decided later from the frame count (Engine.settle_compile); True/False force.
-    cuda_graph None: on for CUDA."""
+                cuda_graph: bool | None = None, levels: int = 255) -> InferencePath:
+    """The path for this device, for outputs of `levels` grey levels (the deepest file's max
+    value). precision None: bf16 where native (native_bf16) and levels <= BF16_MAX_LEVELS, else
+    fp32. compile None: decided later from the frame count (Engine.first_batch); True/False
+    force. cuda_graph None: on for CUDA."""
     device = torch.device(device)
+    if int(levels) < 1:
+        raise ValueError(f"levels must be >= 1 (the output's max value), got {levels}")
     notes = []
     if precision is None:
         native, why = native_bf16(device)
-        precision = "bf16" if native else "fp32"
+        precision = "bf16" if native and levels <= BF16_MAX_LEVELS else "fp32"
+        if native and levels > BF16_MAX_LEVELS:
+            why = (f"bf16's 8 significant bits are too coarse for {levels + 1} grey levels "
+                   f"(bf16 is the default for outputs of at most {BF16_MAX_LEVELS + 1})")
         notes.append(f"precision {precision}: {why}")
     elif precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
@@ -132,7 +144,7 @@ def choose_path(device: torch.device | str, *, precision: str | None = None, fol
         raise ValueError("CUDA graphs need a CUDA device")
     return InferencePath(device=str(device), precision=precision, fold=fold,
                          channels_last=channels_last, compile=compile, cuda_graph=graph and not compile,
-                         notes=tuple(notes))
+                         levels=int(levels), notes=tuple(notes))
 
 
 def compile_pays(frames: int | None, eager_seconds_per_frame: float, device: torch.device | str) -> tuple[bool, str]:
@@ -149,11 +161,11 @@ def compile_pays(frames: int | None, eager_seconds_per_frame: float, device: tor
                      f"(~{cost:.0f} s compile / {saved * 1e3:.1f} ms saved a frame)")
 
 
-def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Fraction of pixels whose 8-bit outputs round(v * 255), v = clamp(y, -1, 1) / 2 + 1/2,
+def agreement(a: torch.Tensor, b: torch.Tensor, levels: int = 255) -> float:
+    """Fraction of pixels whose outputs round(v * levels), v = clamp(y, -1, 1) / 2 + 1/2,
     differ by at most one grey level."""
     def grey(y):
-        return torch.round((y.float().clamp(-1, 1) * 0.5 + 0.5) * 255)
+        return torch.round((y.double().clamp(-1, 1) * 0.5 + 0.5) * levels)
     return (grey(a) - grey(b)).abs().le(1).float().mean().item()
 
 
@@ -261,10 +273,11 @@ class Engine:
         self.setup_seconds += time.perf_counter() - t0  # the batch's own forward included
         if self.check and self.path.precision != "fp32":
             t1 = time.perf_counter()
-            self.agreement = agreement(y[:1], self.reference(x[:1]))
+            self.agreement = agreement(y[:1], self.reference(x[:1]), self.path.levels)
             if self.agreement < AGREEMENT_BAR:
-                notes.append(f"{self.path.precision} gave {self.agreement:.2%} of 8-bit pixels within one "
-                             f"grey level of eager fp32 on the first frame (< {AGREEMENT_BAR:.0%}): fell back to fp32")
+                notes.append(f"{self.path.precision} gave {self.agreement:.2%} of pixels within one of "
+                             f"{self.path.levels + 1} grey levels of eager fp32 on the first frame "
+                             f"(< {AGREEMENT_BAR:.0%}): fell back to fp32")
                 self.path = replace(self.path, precision="fp32", compile=False, cuda_graph=False,
                                     notes=tuple(notes))
                 self._net, self._compiled = self._prepare(self.path), {}

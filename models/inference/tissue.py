@@ -63,6 +63,10 @@ class TissueDenoiser:
     (module docstring); `tiling`: denoise_frames' keywords."""
 
     def __init__(self, network, plan: regions.TissuePlan, max_value: int, *, pad: int, **tiling):
+        judged = getattr(getattr(network, "path", None), "levels", None)
+        if judged is not None and judged < max_value:  # e.g. a bf16 path checked at 8 bits, 16-bit output
+            raise ValueError(f"the engine's path is judged at {judged + 1} grey levels but this output has "
+                             f"{max_value + 1}: choose_path(..., levels={max_value})")
         self.network, self.plan, self.max_value, self.pad, self.tiling = network, plan, max_value, pad, tiling
         self._static_fill: dict[int, np.ndarray] = {}  # part -> the fill's source indices
 
