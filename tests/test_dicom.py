@@ -22,7 +22,7 @@ import pytest
 from speckle_models.inference import denoise as D
 from speckle_models.inference import dicom_io, frame_io, regions
 from speckle_models.inference.image_io import gray_level
-from tests.test_denoise import cli_captured, direct, save_checkpoint
+from tests.denoise_helpers import cli_captured, direct, save_checkpoint
 
 from tests import dicom_fixtures as fx
 from tests.dicom_fixtures import pydicom

@@ -14,11 +14,10 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from speckle_models.inference import denoise as D
 from speckle_models.inference import dicom_io, frame_io
 from tests import dicom_fixtures as fx
 from tests.dicom_fixtures import pydicom
-from tests.test_denoise import cli_captured, save_checkpoint
+from tests.denoise_helpers import cli_captured, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

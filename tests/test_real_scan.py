@@ -141,7 +141,7 @@ def test_bad_input_is_named():
 def test_speckle_denoise_metrics_apply_the_judge(tmp_path, capsys):
     from PIL import Image
 
-    from tests.test_denoise import cli, save_checkpoint
+    from tests.denoise_helpers import cli, save_checkpoint
 
     ckpt = save_checkpoint(tmp_path / "checkpoint.pt", "br-unet")
     rng = np.random.default_rng(0)

@@ -34,7 +34,7 @@ from speckle_models.inference import frame_io, regions
 from speckle_models.inference.image_io import gray_level, quantize
 from speckle_models.inference.tiling import default_overlap, denoise_frames
 from speckle_models.inference.tissue import StageTimes, TissueDenoiser, stream_file
-from tests.test_denoise import cli, random_model, save_checkpoint
+from tests.denoise_helpers import cli, random_model, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 slow = pytest.mark.skipif(not os.environ.get("SPECKLE_SLOW_TESTS"),

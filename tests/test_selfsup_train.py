@@ -13,7 +13,7 @@ from speckle_models.training import checkpoint as C
 from speckle_models.training import loop as L
 from speckle_models.training import scan_folder
 from speckle_models.training import train as T
-from tests.test_denoise import dicom_file
+from tests.denoise_helpers import dicom_file
 from speckle_models.inference.image_io import gray_level
 from tests.test_train import _equal_state, _strip_times, tiny_config
 
@@ -174,7 +174,7 @@ def test_resize_upsampling_has_no_checkerboard():
 def test_speckle_denoise_runs_a_resize_network_tiled(tmp_path, capsys):
     from speckle_models.inference import denoise as D
     from speckle_models.inference.tiling import denoise_frames
-    from tests.test_denoise import cli, save_checkpoint, write_png
+    from tests.denoise_helpers import cli, save_checkpoint, write_png
 
     torch.manual_seed(0)
     net = build_model("br-unet", width=4, upsample="resize").eval()
