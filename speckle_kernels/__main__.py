@@ -82,7 +82,10 @@ def _cpu_lines(state: dict | None) -> list[str]:
         if note:
             lines.append(f"  note: {note}")
         flags = cpu_flags()
-        cannot = [f"{v} (no {', '.join(f for f in VARIANT_FLAGS[v] if f not in flags) or '?'})"
+        # the dispatch reads CPUID; /proc/cpuinfo can disagree (under QEMU it is the host's)
+        cannot = [f"{v} (no {', '.join(f for f in VARIANT_FLAGS[v] if f not in flags)})"
+                  if any(f not in flags for f in VARIANT_FLAGS[v]) else
+                  f"{v} (CPUID lacks it; /proc/cpuinfo claims it: an emulator or a masked CPU?)"
                   for v in VARIANTS if v not in runs and v in VARIANT_FLAGS]
         lines.append(f"  variants this CPU runs: {', '.join(runs)}"
                      + (f"; not: {'; '.join(cannot)}" if cannot else ""))
