@@ -48,21 +48,23 @@ def direct(model, v: np.ndarray) -> np.ndarray:
     return (y.clamp(-1, 1) * 0.5 + 0.5)[0, 0].numpy()
 
 
+def _main(argv) -> int:
+    """speckle-denoise's main(argv) in-process, without its progress bar: the exit status."""
+    try:
+        return D.main([*map(str, argv), "--no-progress"])
+    except SystemExit as e:
+        return e.code
+
+
 def cli(argv, capsys=None):
     """main(argv) -> (exit status, stderr)."""
-    try:
-        rc = D.main([*map(str, argv), "--no-progress"])
-    except SystemExit as e:
-        rc = e.code
+    rc = _main(argv)
     return rc, capsys.readouterr().err if capsys else ""
 
 
 def cli_captured(argv, capsys):
     """main(argv) -> (exit status, stdout, stderr); stdout's last line is the summary."""
-    try:
-        rc = D.main([*map(str, argv), "--no-progress"])
-    except SystemExit as e:
-        rc = e.code
+    rc = _main(argv)
     captured = capsys.readouterr()
     return rc, captured.out, captured.err
 

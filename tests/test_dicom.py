@@ -22,7 +22,7 @@ import pytest
 from speckle_models.inference import denoise as D
 from speckle_models.inference import dicom_io, frame_io, regions
 from speckle_models.inference.image_io import gray_level
-from tests.denoise_helpers import cli_captured, direct, save_checkpoint
+from tests.denoise_helpers import cli_captured as cli, direct, save_checkpoint
 
 from tests import dicom_fixtures as fx
 from tests.dicom_fixtures import pydicom
@@ -33,9 +33,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint.pt", "br-unet")
-
-
-cli = cli_captured  # (exit status, stdout, stderr)
 
 
 def display_pixels(path) -> np.ndarray:

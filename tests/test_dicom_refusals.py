@@ -17,7 +17,7 @@ import pytest
 from speckle_models.inference import dicom_io, frame_io
 from tests import dicom_fixtures as fx
 from tests.dicom_fixtures import pydicom
-from tests.denoise_helpers import cli_captured, save_checkpoint
+from tests.denoise_helpers import cli_captured as cli, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,9 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint.pt", "br-unet")
-
-
-cli = cli_captured  # (exit status, stdout, stderr)
 
 
 def refused(ckpt, capsys, tmp_path, path, *words, extra=()):

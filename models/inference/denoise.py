@@ -23,7 +23,8 @@ The network runs on the run's fast path (engine.py), chosen once and named in th
 the frames that share one input shape pay for the compilation; a CUDA graph on CUDA.
 --precision fp32|bf16|int8, --no-fold and --compile auto|on|off override; a bf16 or int8 path
 is checked against eager fp32 on the first frame ("agreement_with_eager_fp32") and falls back to
-fp32 below 99 % of pixels within one grey level at the deepest output's depth. Batches: CPU_BATCH frames on a CPU, DEFAULT_BATCH on a GPU.
+fp32 below 99 % of pixels within one grey level at the deepest output's depth. Batches:
+CPU_BATCH frames on a CPU, DEFAULT_BATCH on a GPU.
 
 Python: `load_denoiser(checkpoint, device)` gives the network (eval mode, on the device);
 `denoise_images(model_or_checkpoint, arrays)` denoises whole (H, W) / (H, W, 3|4) uint8,

@@ -121,8 +121,9 @@ def choose_path(device: torch.device | str, *, precision: str | None = None, fol
     notes = []
     if precision is None:
         native, why = native_bf16(device)
-        precision = "bf16" if native and levels <= BF16_MAX_LEVELS else "fp32"
-        if native and levels > BF16_MAX_LEVELS:
+        deep = levels > BF16_MAX_LEVELS
+        precision = "bf16" if native and not deep else "fp32"
+        if native and deep:
             why = (f"bf16's 8 significant bits are too coarse for {levels + 1} grey levels "
                    f"(bf16 is the default for outputs of at most {BF16_MAX_LEVELS + 1})")
         notes.append(f"precision {precision}: {why}")
